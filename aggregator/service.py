@@ -1,0 +1,176 @@
+"""The aggregator service: configuration, and wiring store + quarantine + registry + ingest.
+
+``edgeloop aggregator --config FILE`` builds an :class:`Aggregator` from
+:class:`AggregatorConfig` and runs it until SIGINT/SIGTERM. With no InfluxDB configured it
+stores into the embedded SQLite store in the data directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from edgeloop import config as _config
+from edgeloop.mqtt import parse_mqtt_url
+
+__all__ = ["AggregatorConfig", "Aggregator", "load", "EXAMPLE"]
+
+log = logging.getLogger(__name__)
+
+
+class MqttSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    client_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "edgeloop-aggregator-1"
+    share_group: str | None = "edgeloop"  # "" or none when the broker lacks shared subscriptions
+    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 1000
+    username: str | None = None
+    password: str | None = None  # "env:NAME" or password_file
+    password_file: str | None = None
+
+
+class InfluxSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    url: str | None = None  # unset: the embedded SQLite store
+    database: str = "edgeloop"  # the bucket on InfluxDB 2.x / 3.x
+    org: str | None = None
+    username: str | None = None
+    password: str | None = None  # "env:NAME" or password_file
+    password_file: str | None = None
+    token: str | None = None  # "env:NAME" or token_file
+    token_file: str | None = None
+
+
+class IngestSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    batch_lines: Annotated[int, Meta(ge=1)] = 5000
+    max_delay_s: Annotated[float, Meta(gt=0, le=10)] = 0.05
+    ack_threshold: Annotated[int, Meta(ge=1)] = 500
+    confirm_interval_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
+
+
+class AggregatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    data_dir: str | None = None
+    mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+    influx: InfluxSettings = msgspec.field(default_factory=InfluxSettings)
+    ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
+
+    def state_dir(self) -> Path:
+        return (Path(self.data_dir) if self.data_dir else _config.default_data_dir()) / "aggregator"
+
+
+def load(path: str | Path | None, **overrides: Any) -> AggregatorConfig:
+    return _config.load(path, AggregatorConfig, overrides)
+
+
+def open_store(cfg: AggregatorConfig):
+    """The configured store, opened (database created if missing)."""
+    from aggregator.stores import make_store
+
+    inf = cfg.influx
+    if inf.url:
+        store = make_store(
+            influx_url=inf.url,
+            database=inf.database,
+            org=inf.org,
+            token=_config.resolve_secret(inf.token or _env_default("EDGELOOP_INFLUX_TOKEN"), inf.token_file, "InfluxDB token"),
+            username=inf.username or _config.resolve_secret(_env_default("EDGELOOP_INFLUX_USERNAME")),
+            password=_config.resolve_secret(inf.password or _env_default("EDGELOOP_INFLUX_PASSWORD"), inf.password_file, "InfluxDB password"),
+        )
+    else:
+        state = cfg.state_dir()
+        state.mkdir(parents=True, exist_ok=True)
+        store = make_store(sqlite_path=str(state / "store.sqlite"))
+    store.open()
+    return store
+
+
+def _env_default(name: str) -> str | None:
+    import os
+
+    return f"env:{name}" if name in os.environ else None
+
+
+class Aggregator:
+    """Store, quarantine, registry and ingest, started and stopped together."""
+
+    def __init__(self, cfg: AggregatorConfig, store=None) -> None:
+        from aggregator.ingest import Ingest
+        from aggregator.quarantine import Quarantine
+        from aggregator.registry import Registry
+
+        self.config = cfg
+        state = cfg.state_dir()
+        state.mkdir(parents=True, exist_ok=True)
+        self.store = store if store is not None else open_store(cfg)
+        self.quarantine = Quarantine(state / "quarantine.sqlite")
+        self.registry = Registry(state / "registry.json")
+        m = cfg.mqtt
+        address = parse_mqtt_url(m.url)
+        password = _config.resolve_secret(m.password, m.password_file, "MQTT password")
+        if m.username or password:
+            address = type(address)(address.host, address.port, address.tls, m.username or address.username, password)
+        self.ingest = Ingest(
+            self.store,
+            address,
+            client_id=m.client_id,
+            protocol=m.protocol,
+            receive_maximum=m.receive_maximum,
+            quarantine=self.quarantine,
+            registry=self.registry,
+            share_group=m.share_group or None,
+            batch_lines=cfg.ingest.batch_lines,
+            max_delay_s=cfg.ingest.max_delay_s,
+            ack_threshold=min(cfg.ingest.ack_threshold, max(1, m.receive_maximum // 2)),
+            confirm_interval_s=cfg.ingest.confirm_interval_s,
+        )
+
+    def start(self) -> None:
+        self.ingest.start()
+        log.info("aggregator ingesting from %s into %s", self.ingest.link.address, self.store.name)
+
+    def stop(self) -> None:
+        try:
+            self.ingest.stop()
+        finally:
+            self.quarantine.close()
+            self.store.close()
+
+    def run_until(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+
+
+EXAMPLE = """\
+# edgeloop aggregator configuration. Runs as it is against a local Mosquitto, storing into the
+# embedded SQLite store; set [influx] url to use InfluxDB.
+
+# data_dir = "/var/lib/edgeloop"   # registry, quarantine, embedded store (default ~/.local/share/edgeloop)
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+protocol = "auto"                  # MQTT 5 where the broker has it, else 3.1.1
+client_id = "edgeloop-aggregator-1"  # stable: the broker keeps this session's messages across restarts
+share_group = "edgeloop"           # aggregators in one group split the devices' traffic
+receive_maximum = 1000             # unacknowledged messages the broker may send us
+# username = "aggregator"
+# password = "env:EDGELOOP_MQTT_PASSWORD"
+
+[influx]
+# url = "http://127.0.0.1:8086"    # unset: embedded SQLite store
+database = "edgeloop"              # the bucket on InfluxDB 2.x / 3.x
+# org = "my-org"                   # 2.x / 3.x only
+# token = "env:EDGELOOP_INFLUX_TOKEN"       # or EDGELOOP_INFLUX_USERNAME / EDGELOOP_INFLUX_PASSWORD on 1.x
+
+[ingest]
+batch_lines = 5000                 # flush at this many points ...
+max_delay_s = 0.05                 # ... or when the oldest message waited this long ...
+ack_threshold = 500                # ... or when this many messages wait for their acknowledgement
+confirm_interval_s = 1.0           # how often devices hear what is stored
+"""

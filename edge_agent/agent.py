@@ -1,0 +1,269 @@
+"""The agent's run loop: sample -> batch -> window features -> model -> outbox -> MQTT.
+
+One thread runs the loop and owns the outbox; paho's network thread only hands confirmations
+and connection events over through a queue. Nothing leaves the device without first being in
+the outbox, and nothing leaves the outbox until the aggregator confirms it (see outbox.py).
+
+Sampling runs on a monotonic schedule (``start + i / rate``), so it does not drift over hours.
+Readings carry the wall-clock time at which they were taken; a simulated device with
+``speed > 1`` runs its own clock faster instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from edgeloop import wire
+from edgeloop.mqtt import MqttLink, parse_mqtt_url
+from edge_agent.config import AgentConfig
+from edge_agent.outbox import Outbox
+
+__all__ = ["Agent", "AgentStats"]
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass
+class AgentStats:
+    samples: int = 0
+    missed_samples: int = 0
+    readings_accepted: int = 0
+    messages_accepted: int = 0
+    windows: int = 0
+    inferences: int = 0
+    anomalies: int = 0
+    confirmed: int = 0
+    inference_us: list[float] = field(default_factory=list)
+
+
+class Agent:
+    """One device. ``run(stop)`` blocks until ``stop`` is set; ``drain()`` waits for confirmations."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        source=None,
+        model=None,
+        on_accept: Callable[[wire.Struct], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.device = config.device_id
+        self.state_dir = config.state_dir()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if source is None:
+            from edge_agent.sources import create_source
+
+            source = create_source(config.source.name, dict(config.source.options))
+        self.source = source
+        self.channels = tuple(source.channels)
+        self.model = model
+        if model is None and config.model_dir:
+            from edge_agent.inference import Model
+
+            self.model = Model.load(config.model_dir)
+        self.on_accept = on_accept
+        self.stats = AgentStats()
+        self._events: queue.Queue = queue.Queue()
+        self._outbox: Outbox | None = None
+        self._link: MqttLink | None = None
+        self._started = time.monotonic()
+        self._batch: list[wire.Reading] = []
+        self._window_t: list[float] = []
+        self._window_v: list[list[float]] = []
+
+    # -- wiring ------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        ob = self.config.outbox
+        self._outbox = Outbox(
+            self.state_dir / "outbox.sqlite",
+            max_bytes=ob.max_bytes,
+            max_age_s=ob.max_age_s,
+            resend_after_s=ob.resend_after_s,
+            max_unconfirmed=ob.max_unconfirmed,
+            synchronous=ob.synchronous,
+        )
+        m = self.config.mqtt
+        from edgeloop.config import resolve_secret
+
+        address = parse_mqtt_url(m.url)
+        password = resolve_secret(m.password, m.password_file, "MQTT password")
+        if m.username or password:
+            address = type(address)(address.host, address.port, address.tls, m.username or address.username, password)
+        will = wire.encode(self._status("offline"))
+        self._link = MqttLink(
+            address,
+            client_id=f"edgeloop-dev-{self.device}",
+            protocol=m.protocol,
+            max_inflight=m.max_inflight,
+            keepalive=m.keepalive_s,
+            will=(wire.topic(self.device, "status"), will, 1, True),
+            ca_file=m.ca_file,
+            cert_file=m.cert_file,
+            key_file=m.key_file,
+            on_connect=lambda: self._events.put(("connected", None)),
+            on_message=self._on_message,
+        )
+
+    def _on_message(self, msg) -> None:  # paho's thread: hand over, never touch the outbox here
+        if msg.topic == wire.confirm_topic(self.device):
+            try:
+                self._events.put(("confirm", wire.decode_confirm(msg.payload)))
+            except wire.WireError as exc:
+                log.warning("%s: ignoring bad confirmation: %s", self.device, exc)
+
+    # -- run ----------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, *, drain_timeout: float = 0.0, connect_timeout: float = 30.0) -> bool:
+        """Sample and publish until ``stop`` is set, then keep delivering for up to ``drain_timeout``
+        seconds until the cloud has confirmed everything. Returns True if the outbox is empty;
+        whatever is unconfirmed stays on disk for the next run either way."""
+        self._open()
+        assert self._link is not None and self._outbox is not None
+        try:
+            self._link.start(timeout=connect_timeout)
+            self._loop(stop)
+            deadline = time.monotonic() + drain_timeout
+            while self._outbox.depth and time.monotonic() < deadline:
+                self._service()
+                time.sleep(0.02)
+            self._service()
+            return self._outbox.depth == 0
+        finally:
+            self._close()
+
+    @property
+    def outbox_depth(self) -> int:
+        return self._outbox.depth if self._outbox is not None else 0
+
+    def _loop(self, stop: threading.Event) -> None:
+        s = self.config.sampling
+        period = 1.0 / (s.rate_hz * s.speed)  # real seconds between samples
+        device_step = 1.0 / s.rate_hz  # device-clock seconds between samples
+        batch_n = max(1, round(s.batch_s * s.rate_hz))
+        window_n = max(2, round(s.window_s * s.rate_hz))
+        start_mono = time.monotonic()
+        start_wall = time.time()
+        i = 0
+        while not stop.is_set():
+            now = time.monotonic()
+            due = int((now - start_mono) / period) + 1
+            if due - i > 2:  # the loop stalled: real sensors cannot be read in the past
+                self.stats.missed_samples += due - i - 1
+                i = due - 1
+            while i < due:
+                t = start_wall + i * device_step if s.speed != 1.0 else time.time()
+                self._sample(i, t, batch_n, window_n)
+                i += 1
+            self._service()
+            wait = start_mono + i * period - time.monotonic()
+            stop.wait(min(max(wait, 0.0), 0.05))
+        self._flush_batch()
+
+    def _service(self) -> None:
+        """Handle confirmations and reconnects, then fill the MQTT window from the outbox."""
+        ob, link = self._outbox, self._link
+        while True:
+            try:
+                event, payload = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if event == "confirm":
+                self.stats.confirmed += ob.confirm(payload.ranges)
+            elif event == "connected":
+                link.subscribe(wire.confirm_topic(self.device), qos=1)
+                ob.replay()
+                link.publish(wire.topic(self.device, "status"), wire.encode(self._status("online")), 1, True)
+        free = link.window_free
+        if free:
+            for entry in ob.due(free):
+                if not link.publish(wire.topic(self.device, entry.kind), entry.payload, qos=1):
+                    break
+                ob.mark_sent(entry.seq)
+
+    # -- sampling, batching, windows ------------------------------------------------------------------
+
+    def _sample(self, i: int, t: float, batch_n: int, window_n: int) -> None:
+        values = list(self.source.read(i, t))
+        self.stats.samples += 1
+        self._batch.append(wire.Reading(t, values, 0))
+        if len(self._batch) >= batch_n:
+            self._flush_batch()
+        self._window_t.append(t)
+        self._window_v.append([np.nan if v is None else v for v in values])
+        if len(self._window_t) >= window_n:
+            self._close_window()
+
+    def _flush_batch(self) -> None:
+        if not self._batch:
+            return
+        readings, self._batch = self._batch, []
+
+        self._append("telemetry", lambda seq: wire.Telemetry(
+            v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(),
+            profile=self.config.profile, channels=list(self.channels), readings=readings,
+        ))
+        self.stats.readings_accepted += len(readings)
+
+    def _close_window(self) -> None:
+        from models import features
+
+        t = np.asarray(self._window_t)
+        window = np.asarray(self._window_v, dtype=float)
+        self._window_t, self._window_v = [], []
+        names = features.feature_names(self.channels)
+        vector = features.compute(window, t, self.channels)
+        self.stats.windows += 1
+        start, end = float(t[0]), float(t[-1])
+
+        self._append("features", lambda seq: wire.Features(
+            v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(), profile=self.config.profile,
+            feature_set=features.FEATURE_SET, window_start=start, window_end=end,
+            names=list(names), values=[float(x) for x in vector],
+        ))
+        if self.model is not None:
+            score, anomaly, latency_us = self.model.score(vector)
+            self.stats.inferences += 1
+            self.stats.anomalies += int(anomaly)
+            self.stats.inference_us.append(latency_us)
+
+            self._append("inference", lambda seq: wire.Inference(
+                v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(),
+                profile=self.config.profile, model_version=self.model.version,
+                feature_set=features.FEATURE_SET, window_end=end, score=float(score),
+                anomaly=bool(anomaly), latency_us=float(latency_us),
+            ))
+
+    def _append(self, kind: str, make: Callable[[int], wire.Struct]) -> None:
+        """Put one message in the outbox under the next sequence number; report it once it is durable."""
+        made: list = []
+        self._outbox.append(kind, lambda seq: wire.encode(made.append(make(seq)) or made[0]))
+        self.stats.messages_accepted += 1
+        if self.on_accept is not None:
+            self.on_accept(made[0])
+
+    def _status(self, state: str) -> wire.Status:
+        ob = self._outbox
+        return wire.Status(
+            v=wire.SCHEMA_VERSION, device=self.device, seq=max(ob.last_seq, 0) if ob else 0, ts=time.time(),
+            profile=self.config.profile, state=state, agent_version=AGENT_VERSION,
+            model_version=getattr(self.model, "version", None),
+            outbox_depth=ob.depth if ob else 0, dropped=ob.dropped_ranges() if ob else [],
+            uptime_s=time.monotonic() - self._started,
+        )
+
+    def _close(self) -> None:
+        if self._link is not None:
+            self._link.stop()
+        if self._outbox is not None:
+            self._outbox.close()

@@ -1,0 +1,305 @@
+"""The one module that owns paho-mqtt: connection, protocol fallback, in-flight window, acks.
+
+Agent and aggregator both talk MQTT through :class:`MqttLink`; nothing else imports paho. The
+link keeps policy small and explicit:
+
+* MQTT 5 where the broker speaks it, MQTT 3.1.1 otherwise (``protocol="auto"`` tries 5 first).
+* A bounded window of unacknowledged QoS 1 publishes (DESIGN.md: flooding paho's queue loses
+  messages and collapses throughput). :meth:`publish` says ``False`` when the window is full or
+  the link is down, and the caller (the outbox pump) tries again later. A PUBACK only frees a
+  slot; end-to-end delivery is confirmed by the aggregator, not here.
+* paho reconnects by itself with exponential backoff; ``on_connect`` callbacks run on every
+  (re)connect so that owners can replay and re-subscribe.
+* With ``manual_ack=True`` incoming QoS 1 messages are acknowledged only when the owner calls
+  :meth:`ack`, after it has stored them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+__all__ = ["BrokerAddress", "MqttError", "MqttLink", "Incoming", "parse_mqtt_url"]
+
+log = logging.getLogger(__name__)
+
+
+class MqttError(Exception):
+    """The broker could not be reached or refused us; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    def __str__(self) -> str:  # never show the password
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> BrokerAddress:
+    """``mqtt://host[:1883]`` or ``mqtts://host[:8883]``; user:password in the URL is allowed
+    but secrets belong in environment variables or files (see the README)."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"unsupported MQTT URL scheme {parts.scheme!r} in {url!r}; use mqtt:// or mqtts://")
+    tls = parts.scheme in ("mqtts", "ssl")
+    if not parts.hostname:
+        raise ValueError(f"no host in MQTT URL {url!r}")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ValueError(f"bad port in MQTT URL {url!r}") from exc
+    return BrokerAddress(
+        parts.hostname,
+        port,
+        tls,
+        unquote(parts.username) if parts.username else None,
+        unquote(parts.password) if parts.password else None,
+    )
+
+
+@dataclass
+class Incoming:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    retain: bool
+
+
+class MqttLink:
+    """A long-lived MQTT connection with a bounded publish window."""
+
+    def __init__(
+        self,
+        address: BrokerAddress | str,
+        client_id: str,
+        *,
+        protocol: str = "auto",
+        max_inflight: int = 200,
+        keepalive: int = 30,
+        persistent_session: bool = False,
+        session_expiry_s: int = 24 * 3600,
+        manual_ack: bool = False,
+        receive_maximum: int | None = None,
+        will: tuple[str, bytes, int, bool] | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        on_connect: Callable[[], None] | None = None,
+        on_message: Callable[[Incoming], None] | None = None,
+    ) -> None:
+        self.address = parse_mqtt_url(address) if isinstance(address, str) else address
+        self.client_id = client_id
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"protocol must be auto, 5 or 3.1.1, not {protocol!r}")
+        self._protocol_pref = protocol
+        self.max_inflight = max_inflight
+        self.keepalive = keepalive
+        self.persistent_session = persistent_session
+        self.session_expiry_s = session_expiry_s
+        self.manual_ack = manual_ack
+        self.receive_maximum = receive_maximum
+        self.will = will
+        self._tls = (ca_file, cert_file, key_file)
+        self._on_connect_cb = on_connect
+        self._on_message_cb = on_message
+        self._lock = threading.Lock()
+        self._inflight: set[int] = set()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._client: paho.Client | None = None
+        self.protocol: str | None = None  # what the broker accepted: "5" or "3.1.1"
+        self.reconnects = 0
+        self.published = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect (falling back to MQTT 3.1.1 if the broker refuses 5) and start the network thread."""
+        order = {"auto": ["5", "3.1.1"], "5": ["5"], "3.1.1": ["3.1.1"]}[self._protocol_pref]
+        errors = []
+        for proto in order:
+            self._client = self._make_client(proto)
+            self._connected.clear()
+            self._refused = None
+            try:
+                self._client.connect_async(**self._connect_args(proto))
+            except (OSError, ValueError) as exc:
+                raise MqttError(f"cannot connect to {self.address}: {exc}") from exc
+            self._client.loop_start()
+            deadline = time.monotonic() + timeout / len(order)
+            while time.monotonic() < deadline and not self._connected.is_set() and not self._refused:
+                time.sleep(0.01)
+            if self._connected.is_set():
+                self.protocol = proto
+                return
+            self._client.loop_stop()
+            self._client.disconnect()
+            errors.append(f"MQTT {proto}: {self._refused or 'no answer'}")
+            if self._refused and "authoriz" in self._refused.lower():
+                break  # credentials are wrong; another protocol version will not help
+        raise MqttError(f"cannot connect to {self.address} as {self.client_id!r}: {'; '.join(errors)}")
+
+    def stop(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            client.disconnect()
+        finally:
+            client.loop_stop()
+            self._connected.clear()
+
+    def drop_connection(self) -> None:
+        """Close the socket without a DISCONNECT (the broker then sends the last will); paho
+        reconnects by itself. Tests use this to cut the network mid-stream."""
+        if self._client is not None and self._client.socket() is not None:
+            try:
+                self._client.socket().close()
+            except OSError:
+                pass
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    @property
+    def window_free(self) -> int:
+        if not self._connected.is_set():
+            return 0
+        with self._lock:
+            return max(0, self.max_inflight - len(self._inflight))
+
+    # -- traffic ----------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Hand one message to the broker if connected and the window has room; else ``False``."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return False
+        with self._lock:
+            if qos > 0 and len(self._inflight) >= self.max_inflight:
+                return False
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                return False
+            if qos > 0:
+                self._inflight.add(info.mid)
+            self.published += 1
+            return True
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        if self._client is None:
+            raise MqttError("subscribe before start()")
+        self._client.subscribe(topic_filter, qos)
+
+    def ack(self, mid: int, qos: int) -> None:
+        if self._client is not None and qos > 0:
+            self._client.ack(mid, qos)
+
+    # -- paho plumbing ------------------------------------------------------------------------
+
+    def _make_client(self, proto: str) -> paho.Client:
+        v5 = proto == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else not self.persistent_session,
+            manual_ack=self.manual_ack,
+        )
+        client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(0)
+        # paho doubles the delay from 1 s to 30 s between reconnect attempts; the jitter keeps a
+        # fleet that lost its broker at the same moment from reconnecting in lockstep.
+        client.reconnect_delay_set(min_delay=1, max_delay=30 + random.randint(0, 5))
+        if self.address.username:
+            client.username_pw_set(self.address.username, self.address.password)
+        ca, cert, key = self._tls
+        if self.address.tls:
+            client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self.will:
+            topic, payload, qos, retain = self.will
+            client.will_set(topic, payload, qos=qos, retain=retain)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_publish = self._handle_publish
+        client.on_message = self._handle_message
+        return client
+
+    def _connect_args(self, proto: str) -> dict:
+        args = {"host": self.address.host, "port": self.address.port, "keepalive": self.keepalive}
+        if proto == "5":
+            props = Properties(PacketTypes.CONNECT)
+            if self.persistent_session:
+                props.SessionExpiryInterval = self.session_expiry_s
+            if self.receive_maximum:
+                # How many unacknowledged messages the broker may send us; bounds our memory.
+                props.ReceiveMaximum = self.receive_maximum
+            args["clean_start"] = not self.persistent_session
+            args["properties"] = props
+        return args
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            log.warning("broker %s refused %s: %s", self.address, self.client_id, reason_code)
+            return
+        with self._lock:
+            self._inflight.clear()
+        if self._connected.is_set():
+            return
+        if self.protocol is not None:
+            self.reconnects += 1
+        self._connected.set()
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:  # an owner's bug must not kill paho's network thread
+                log.exception("on_connect handler failed")
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        with self._lock:
+            # Unacknowledged publishes are the outbox's to replay; forget their window slots.
+            self._inflight.clear()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            self._inflight.discard(mid)
+
+    def _handle_message(self, client, userdata, message) -> None:
+        if self._on_message_cb is None:
+            return
+        incoming = Incoming(message.topic, message.payload, message.qos, message.mid, message.retain)
+        try:
+            self._on_message_cb(incoming)
+        except Exception:
+            log.exception("message handler failed for %s", message.topic)
