@@ -120,6 +120,10 @@ class Ingest:
         self.link.subscribe(wire.uplink_filter(self.share_group), qos=1)
 
     def _on_message(self, msg: Incoming) -> None:
+        if not msg.payload and msg.retain and msg.topic.endswith("/status"):
+            # Someone cleared a retained status (the documented way to forget a device): not data.
+            self.link.ack(msg.mid, msg.qos)
+            return
         try:
             decoded, error = wire.decode(msg.topic, msg.payload), None
         except wire.WireError as exc:
@@ -176,9 +180,12 @@ class Ingest:
         for item in batch:
             self.link.ack(item.mid, item.qos)
         for k, item in enumerate(good):
-            if k in refused:
-                continue
             msg = item.message
+            if k in refused:
+                # Durably held in the quarantine with the store's reason: confirmed as well, or the
+                # device would re-send a message no store will ever take until its age limit.
+                self.confirmer.stored(msg.device, msg.seq)
+                continue
             self.registry.observe(msg, item.received_at)
             if not isinstance(msg, wire.Status):
                 self.confirmer.stored(msg.device, msg.seq)

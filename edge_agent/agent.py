@@ -118,7 +118,7 @@ class Agent:
     def _on_message(self, msg) -> None:  # paho's thread: hand over, never touch the outbox here
         if msg.topic == wire.confirm_topic(self.device):
             try:
-                self._events.put(("confirm", wire.decode_confirm(msg.payload)))
+                self._events.put(("confirm", wire.decode_confirm(msg.payload, msg.topic)))
             except wire.WireError as exc:
                 log.warning("%s: ignoring bad confirmation: %s", self.device, exc)
 
@@ -264,6 +264,8 @@ class Agent:
 
     def _close(self) -> None:
         if self._link is not None:
+            # A clean DISCONNECT discards the last will, so say "offline" ourselves first.
+            self._link.publish(wire.topic(self.device, "status"), wire.encode(self._status("offline")), 1, True)
             self._link.stop()
         if self._outbox is not None:
             self._outbox.close()

@@ -122,6 +122,8 @@ class MqttLink:
         self._on_message_cb = on_message
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
+        self._reserved = 0  # slots taken by publish() calls in progress
+        self._acked_early: set[int] = set()  # PUBACKs that beat publish() to recording their mid
         self._connected = threading.Event()
         self._refused: str | None = None
         self._client: paho.Client | None = None
@@ -204,16 +206,32 @@ class MqttLink:
         client = self._client
         if client is None or not self._connected.is_set():
             return False
+        # paho calls on_publish while holding its own message lock, and publish() takes that lock:
+        # so never call publish() while holding ours. Reserve a slot, publish, then record the mid
+        # (its PUBACK may already have come back, see _handle_publish).
         with self._lock:
-            if qos > 0 and len(self._inflight) >= self.max_inflight:
+            if qos > 0 and len(self._inflight) + self._reserved >= self.max_inflight:
                 return False
+            self._reserved += 1
+        try:
             info = client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                return False
-            if qos > 0:
-                self._inflight.add(info.mid)
-            self.published += 1
-            return True
+        except BaseException:
+            with self._lock:
+                self._reserved -= 1
+            raise
+        with self._lock:
+            self._reserved -= 1
+            ok = info.rc == paho.MQTT_ERR_SUCCESS
+            if ok and qos > 0:
+                if info.mid in self._acked_early:
+                    self._acked_early.discard(info.mid)
+                else:
+                    self._inflight.add(info.mid)
+            if not self._reserved:
+                self._acked_early.clear()  # nothing in progress: whatever is left there is stale
+            if ok:
+                self.published += 1
+        return ok
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         if self._client is None:
@@ -274,6 +292,7 @@ class MqttLink:
             return
         with self._lock:
             self._inflight.clear()
+            self._acked_early.clear()
         if self._connected.is_set():
             return
         if self.protocol is not None:
@@ -290,10 +309,14 @@ class MqttLink:
         with self._lock:
             # Unacknowledged publishes are the outbox's to replay; forget their window slots.
             self._inflight.clear()
+            self._acked_early.clear()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
-            self._inflight.discard(mid)
+            if mid in self._inflight:
+                self._inflight.discard(mid)
+            elif self._reserved:
+                self._acked_early.add(mid)
 
     def _handle_message(self, client, userdata, message) -> None:
         if self._on_message_cb is None:

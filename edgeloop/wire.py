@@ -17,7 +17,7 @@ telemetry reading is identified by (device, seq, index in ``readings``). See doc
 
 from __future__ import annotations
 
-import math
+import numbers
 import re
 from typing import Annotated, Literal, Union
 
@@ -50,6 +50,9 @@ __all__ = [
     "merge_ranges",
     "ranges_contain",
     "valid_device_id",
+    "DEVICE_ID_PATTERN",
+    "NAME_PATTERN",
+    "RESERVED_NAMES",
 ]
 
 SCHEMA_VERSION = 1
@@ -59,17 +62,18 @@ ACCEPTED_SCHEMA_VERSIONS = frozenset({1})
 MAX_PAYLOAD_BYTES = 256 * 1024
 TOPIC_ROOT = "edgeloop/v1"
 
+# ``\Z`` rather than ``$``: ``$`` also matches before a trailing newline.
 # Identifiers end up as InfluxDB tags, field names and SQLite values; restricting their alphabet
 # here is what makes line-protocol and InfluxQL injection impossible further down.
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
-NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z"
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}\Z"
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
 #: Field and tag names the stores use themselves; channels and features may not take them.
 RESERVED_NAMES = frozenset({"seq", "idx", "flags", "time", "device", "profile", "feature_set"})
 
 DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
-Version = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-+]{0,63}$")]
+Version = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-+]{0,63}\Z")]
 Text = Annotated[str, Meta(max_length=1024)]
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 # NaN and the infinities fail these bounds, so they never pass the decoder.
@@ -92,7 +96,13 @@ class _Header(Struct, kw_only=True, tag_field="type", forbid_unknown_fields=Fals
     device: DeviceId
     seq: Seq
     ts: Timestamp
-    profile: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{0,32}$")] = ""
+    profile: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{0,32}\Z")] = ""
+
+
+def _check_ranges(ranges) -> None:
+    for lo, hi in ranges:
+        if lo > hi:
+            raise ValueError(f"range [{lo}, {hi}] is reversed")
 
 
 class Reading(Struct, array_like=True):
@@ -174,6 +184,9 @@ class Status(_Header, kw_only=True, tag="status"):
     dropped: list[SeqRange] = []
     uptime_s: Annotated[float, Meta(ge=0)] = 0.0
 
+    def __post_init__(self) -> None:
+        _check_ranges(self.dropped)
+
 
 class Confirm(Struct, kw_only=True, tag_field="type", tag="confirm"):
     """Cloud -> device: these sequence ranges (inclusive) are durably stored; forget them."""
@@ -182,6 +195,9 @@ class Confirm(Struct, kw_only=True, tag_field="type", tag="confirm"):
     device: DeviceId
     ranges: list[SeqRange]
     ts: Timestamp
+
+    def __post_init__(self) -> None:
+        _check_ranges(self.ranges)
 
 
 DeviceMessage = Union[Telemetry, Features, Inference, Alert, Status]
@@ -259,7 +275,7 @@ def decode(topic_name: str, payload: bytes) -> DeviceMessage:
         message = _decoders[where.kind].decode(payload)
     except msgspec.ValidationError as exc:
         raise WireError("invalid", str(exc)[:300]) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise WireError("malformed", str(exc)[:300]) from exc
     if message.v not in ACCEPTED_SCHEMA_VERSIONS:
         raise WireError("unsupported-version", f"v={message.v}")
@@ -268,16 +284,30 @@ def decode(topic_name: str, payload: bytes) -> DeviceMessage:
     return message
 
 
-def decode_confirm(payload: bytes) -> Confirm:
+def decode_confirm(payload: bytes, topic_name: str | None = None) -> Confirm:
+    """Decode a delivery confirmation; with ``topic_name``, also check it is for that topic's device."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
-        return _confirm_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        message = _confirm_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
         raise WireError("invalid", str(exc)[:300]) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise WireError("malformed", str(exc)[:300]) from exc
+    if message.v not in ACCEPTED_SCHEMA_VERSIONS:
+        raise WireError("unsupported-version", f"v={message.v}")
+    if topic_name is not None:
+        where = parse_topic(topic_name)
+        if where.direction != "ctl" or where.device != message.device:
+            raise WireError("device-mismatch", f"confirm for {message.device!r} on {topic_name[:200]!r}")
+    return message
 
 
 def merge_ranges(seqs_or_ranges) -> list[tuple[int, int]]:
     """Collapse sequence numbers and inclusive ranges into sorted, disjoint, inclusive ranges."""
-    spans = sorted((x, x) if isinstance(x, int) else (int(x[0]), int(x[1])) for x in seqs_or_ranges)
+    spans = sorted(
+        (int(x), int(x)) if isinstance(x, numbers.Integral) else (int(x[0]), int(x[1])) for x in seqs_or_ranges
+    )
     merged: list[tuple[int, int]] = []
     for lo, hi in spans:
         if merged and lo <= merged[-1][1] + 1:
@@ -291,6 +321,3 @@ def merge_ranges(seqs_or_ranges) -> list[tuple[int, int]]:
 def ranges_contain(ranges: list[tuple[int, int]], seq: int) -> bool:
     return any(lo <= seq <= hi for lo, hi in ranges)
 
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

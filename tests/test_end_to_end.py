@@ -57,8 +57,14 @@ def _run_fleet(mqtt_url, protocol, agg_cfg, model_dir, data_dir, devices=3, seco
         agents.append(Agent(cfg, model=Model.load(model_dir), on_accept=record))
     stop = threading.Event()
     drained = {}
-    threads = [threading.Thread(target=lambda a=a: drained.__setitem__(a.device, a.run(stop, drain_timeout=30)))
-               for a in agents]
+
+    def run(agent):
+        try:
+            drained[agent.device] = agent.run(stop, drain_timeout=30)
+        except BaseException as exc:  # shown in the assertion, not lost in a thread
+            drained[agent.device] = exc
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in agents]
     for t in threads:
         t.start()
     stop.wait(seconds)
@@ -80,7 +86,7 @@ def _expected_readings(accepted):
 
 
 def _check(agents, accepted, drained, stored_rows, stored_counts):
-    assert all(drained.values()) and len(drained) == len(agents), f"outboxes not drained: {drained}"
+    assert all(v is True for v in drained.values()) and len(drained) == len(agents), f"not drained: {drained}"
     assert all(a.outbox_depth == 0 for a in agents)
     expected = _expected_readings(accepted)
     assert len(expected) > 1000

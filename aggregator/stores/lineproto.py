@@ -1,0 +1,227 @@
+"""Encode wire messages as InfluxDB line protocol, one byte chunk per message.
+
+The schema (shared with the SQLite store, see ``aggregator/stores/__init__.py``): times are the
+device's, in integer microseconds (``round(t * 1e6)``, write precision ``u``), so the same message
+always encodes to the same bytes and a repeat overwrites its own points identically.
+
+    telemetry     tags device, profile   fields <channel>=float (None omitted), seq, idx, flags
+    features      tags device, profile, feature_set   fields <feature>=float, seq, flags
+    inference     tags device, profile, model_version, role   fields score, anomaly, latency_us, seq
+    alerts        tags device, profile, rule, severity   fields value, message, seq
+    agent_health  tags device, profile   fields state, outbox_depth, uptime_s, seq, agent_version,
+                  model_version (when present); time = ts
+
+The ``profile`` tag is omitted when the profile is "". Each message becomes its own chunk so that
+a batch the server refuses in part can be traced back to the message index (the InfluxDB store
+bisects over chunks). Escaping follows the line-protocol rules: measurement names escape commas
+and spaces; tag keys, tag values and field keys escape commas, equals signs and spaces; string
+field values escape backslashes and double quotes. Identifiers that line protocol cannot carry at
+all (empty, or holding a backslash, a newline or a carriage return; the wire contract's patterns
+already exclude them) make the message rejected here, with a reason, rather than mis-encoded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import msgspec
+
+from edgeloop.wire import Alert, DeviceMessage, Features, Inference, Status, Telemetry
+
+__all__ = ["EncodedBatch", "LineProtocolError", "encode_batch", "encode_message", "MEASUREMENTS"]
+
+#: Message kind -> measurement name (also the SQLite table name).
+MEASUREMENTS = {
+    "telemetry": "telemetry",
+    "features": "features",
+    "inference": "inference",
+    "alert": "alerts",
+    "status": "agent_health",
+}
+
+
+class LineProtocolError(ValueError):
+    """A message that line protocol cannot represent faithfully."""
+
+
+@dataclass
+class EncodedBatch:
+    """Line protocol for a batch: ``chunks[i]`` holds message i's lines (None if refused here)."""
+
+    chunks: list[bytes | None]
+    #: (message index, reason) for messages refused before reaching any server.
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    #: Lines per message (0 for a refused one).
+    line_counts: list[int] = field(default_factory=list)
+
+    @property
+    def lines(self) -> int:
+        return sum(self.line_counts)
+
+    def body(self, indices: Sequence[int] | None = None) -> bytes:
+        """The request body for all encodable messages, or only for ``indices``."""
+        chunks = self.chunks if indices is None else [self.chunks[i] for i in indices]
+        return b"".join([c for c in chunks if c is not None])
+
+    def indices(self) -> list[int]:
+        """Indices of the messages that encoded (the ones to send)."""
+        return [i for i, c in enumerate(self.chunks) if c is not None]
+
+
+_UNREPRESENTABLE = ("\\", "\n", "\r")
+_json = msgspec.json.Encoder().encode
+_BOOL = ("false", "true")
+
+
+@lru_cache(maxsize=65536)
+def _ident(s: str) -> str:
+    """Escape a tag key, tag value or field key (identifiers repeat, hence the cache)."""
+    if not s or any(ch in s for ch in _UNREPRESENTABLE):
+        raise LineProtocolError(f"identifier {s[:80]!r} cannot be written as line protocol")
+    return s.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def _string(s: str) -> str:
+    """A quoted string field value; newlines are allowed inside quotes by the 1.x parser."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _profile(m: DeviceMessage) -> str:
+    return f",profile={_ident(m.profile)}" if m.profile else ""
+
+
+def _telemetry(m: Telemetry) -> tuple[str, int]:
+    head = f"telemetry,device={_ident(m.device)}{_profile(m)} seq={m.seq}i,idx="
+    readings = m.readings
+    width = len(m.channels)
+    # msgspec's C encoder spells every float in its shortest round-trip form, as repr() does but
+    # ~4x faster; split its JSON into one string per value, row-major.
+    text = _json([r.values for r in readings]).decode()
+    values = text[2:-2].replace("],[", ",").split(",")
+    nulls = text.count("null")
+    if nulls == 0:  # no None: lay the values out column-wise for one %-format per line
+        line = (
+            head.replace("%", "%%")
+            + "%di,flags=%di"
+            + "".join([f",{_ident(c)}=".replace("%", "%%") + "%s" for c in m.channels])
+            + " %d\n"
+        )
+        rows = zip(
+            range(len(readings)),
+            [r.flags for r in readings],
+            *[values[k::width] for k in range(width)],
+            [round(r.t * 1e6) for r in readings],
+        )
+        return "".join(map(line.__mod__, rows)), len(readings)
+    if nulls != sum([r.values.count(None) for r in readings]):  # NaN and inf encode as null too
+        raise LineProtocolError(_nonfinite(m) or "non-finite value")
+    keys = [f",{_ident(c)}=" for c in m.channels]
+    out = []
+    for i, r in enumerate(readings):
+        row = values[i * width : (i + 1) * width]
+        fields = "".join([k + v for k, v in zip(keys, row) if v != "null"])
+        out.append(f"{head}{i}i,flags={r.flags}i{fields} {round(r.t * 1e6)}\n")
+    return "".join(out), len(out)
+
+
+def _features(m: Features) -> tuple[str, int]:
+    fields = "".join([f",{_ident(n)}={v!r}" for n, v in zip(m.names, m.values)])
+    return (
+        f"features,device={_ident(m.device)}{_profile(m)},feature_set={_ident(m.feature_set)}"
+        f" seq={m.seq}i,flags={m.flags}i{fields} {round(m.window_end * 1e6)}\n"
+    ), 1
+
+
+def _inference(m: Inference) -> tuple[str, int]:
+    return (
+        f"inference,device={_ident(m.device)}{_profile(m)},model_version={_ident(m.model_version)}"
+        f",role={_ident(m.role)} score={float(m.score)!r},anomaly={_BOOL[bool(m.anomaly)]}"
+        f",latency_us={float(m.latency_us)!r},seq={m.seq}i {round(m.window_end * 1e6)}\n"
+    ), 1
+
+
+def _alert(m: Alert) -> tuple[str, int]:
+    return (
+        f"alerts,device={_ident(m.device)}{_profile(m)},rule={_ident(m.rule)}"
+        f",severity={_ident(m.severity)} value={float(m.value)!r},message={_string(m.message)}"
+        f",seq={m.seq}i {round(m.window_end * 1e6)}\n"
+    ), 1
+
+
+def _status(m: Status) -> tuple[str, int]:
+    model = f",model_version={_string(m.model_version)}" if m.model_version is not None else ""
+    return (
+        f"agent_health,device={_ident(m.device)}{_profile(m)} state={_string(m.state)}"
+        f",outbox_depth={int(m.outbox_depth)}i,uptime_s={float(m.uptime_s)!r},seq={m.seq}i"
+        f",agent_version={_string(m.agent_version)}{model} {round(m.ts * 1e6)}\n"
+    ), 1
+
+
+_ENCODERS = {
+    Telemetry: _telemetry,
+    Features: _features,
+    Inference: _inference,
+    Alert: _alert,
+    Status: _status,
+}
+
+
+def _nonfinite(m: DeviceMessage) -> str | None:
+    """Why ``m`` holds a non-finite float, if it does: the exact check behind the cheap ones."""
+    if isinstance(m, Telemetry):
+        for i, r in enumerate(m.readings):
+            if any(v is not None and not math.isfinite(v) for v in r.values):
+                return f"reading {i} holds a non-finite value"
+        return None
+    if isinstance(m, Features):
+        values = m.values
+    elif isinstance(m, Inference):
+        values = [m.score, m.latency_us]
+    elif isinstance(m, Alert):
+        values = [m.value]
+    else:
+        values = [m.uptime_s]
+    return "non-finite value" if any(not math.isfinite(v) for v in values) else None
+
+
+def _check_finite(m: DeviceMessage, text: str) -> str:
+    # repr() spells NaN and the infinities "nan", "inf", "-inf", which no InfluxDB accepts; the
+    # decoder already refuses them, so only pay for the exact check when the text hints at one.
+    if "=nan" in text or "=inf" in text or "=-inf" in text:
+        reason = _nonfinite(m)
+        if reason:
+            raise LineProtocolError(reason)
+    return text
+
+
+def encode_message(m: DeviceMessage) -> tuple[bytes, int]:
+    """One message's lines as UTF-8 bytes and their count; LineProtocolError if unrepresentable."""
+    encoder = _ENCODERS.get(type(m))
+    if encoder is None:
+        raise LineProtocolError(f"not a device message: {type(m).__name__}")
+    text, n = encoder(m)
+    if type(m) is not Telemetry:  # telemetry checks itself
+        _check_finite(m, text)
+    try:
+        return text.encode(), n
+    except UnicodeEncodeError as exc:
+        raise LineProtocolError(f"text is not valid UTF-8: {exc.reason}") from None
+
+
+def encode_batch(messages: Sequence[DeviceMessage]) -> EncodedBatch:
+    """Encode every message; unrepresentable ones land in ``rejected`` instead of the body."""
+    chunks: list[bytes | None] = []
+    counts: list[int] = []
+    rejected: list[tuple[int, str]] = []
+    for i, m in enumerate(messages):
+        try:
+            chunk, n = encode_message(m)
+        except LineProtocolError as exc:
+            chunk, n = None, 0
+            rejected.append((i, f"unencodable: {exc}"))
+        chunks.append(chunk)
+        counts.append(n)
+    return EncodedBatch(chunks, rejected, counts)
