@@ -208,12 +208,22 @@ class Agent:
         if not self._batch:
             return
         readings, self._batch = self._batch, []
+        for part in self._fit_payload(readings):
+            self._append("telemetry", lambda seq, part=part: wire.Telemetry(
+                v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(),
+                profile=self.config.profile, channels=list(self.channels), readings=part,
+            ))
+            self.stats.readings_accepted += len(part)
 
-        self._append("telemetry", lambda seq: wire.Telemetry(
-            v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(),
-            profile=self.config.profile, channels=list(self.channels), readings=readings,
-        ))
-        self.stats.readings_accepted += len(readings)
+    def _fit_payload(self, readings: list[wire.Reading]) -> list[list[wire.Reading]]:
+        """Split a batch so that each message fits the broker's (and the contract's) payload limit."""
+        probe = wire.Telemetry(v=wire.SCHEMA_VERSION, device=self.device, seq=2**62, ts=time.time(),
+                               profile=self.config.profile, channels=list(self.channels), readings=readings)
+        limit = min(self.config.mqtt.max_payload, wire.MAX_PAYLOAD_BYTES) - 256  # headroom for seq/ts digits
+        if len(wire.encode(probe)) <= limit or len(readings) == 1:
+            return [readings]
+        half = len(readings) // 2
+        return self._fit_payload(readings[:half]) + self._fit_payload(readings[half:])
 
     def _close_window(self) -> None:
         from models import features

@@ -28,6 +28,8 @@ class MqttSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     key_file: str | None = None
     max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 200
     keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    #: Largest payload the broker takes; telemetry batches are split to fit (the contract caps at 256 KB).
+    max_payload: Annotated[int, Meta(ge=4096)] = 256 * 1024
 
 
 class SamplingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -91,6 +93,7 @@ protocol = "auto"               # "auto" tries MQTT 5 then 3.1.1
 # key_file = "/etc/edgeloop/press-01.key"
 max_inflight = 200              # unacknowledged QoS 1 messages at a time
 keepalive_s = 30
+max_payload = 262144            # largest payload the broker takes; bigger telemetry batches are split
 
 [sampling]
 rate_hz = 10.0                  # samples per second, on a monotonic schedule

@@ -143,7 +143,7 @@ def run_fleet(options: DemoOptions, console=None) -> DemoResult:
                 device_id=device,
                 profile="machine",
                 data_dir=str(run_dir / "devices"),
-                mqtt=_agent_mqtt(mqtt_url, protocol),
+                mqtt=_agent_mqtt(mqtt_url, protocol, capabilities),
                 sampling=SamplingSettings(rate_hz=options.rate_hz, batch_s=1.0, window_s=options.window_s),
                 source=SourceSettings(name="simulated", options={"profile": "machine", "seed": options.seed * 100 + k,
                                                                   "rate_hz": options.rate_hz, "faults": faults}),
@@ -186,10 +186,13 @@ def run_fleet(options: DemoOptions, console=None) -> DemoResult:
         )
 
 
-def _agent_mqtt(url: str, protocol: str):
+def _agent_mqtt(url: str, protocol: str, capabilities=None):
     from edge_agent.config import MqttSettings
 
-    return MqttSettings(url=url, protocol=protocol)
+    if capabilities is None:
+        return MqttSettings(url=url, protocol=protocol)
+    return MqttSettings(url=url, protocol=protocol, max_payload=capabilities.max_payload,
+                        max_inflight=min(200, capabilities.receive_maximum))
 
 
 def _progress(console, duration_s: float, agents, aggregator) -> None:

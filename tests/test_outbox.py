@@ -136,3 +136,27 @@ def test_unknown_kind_is_refused(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite")
     with pytest.raises(ValueError, match="unknown outbox kind"):
         ob.append("status", _payload)
+
+
+def test_agent_splits_a_telemetry_batch_to_fit_the_broker(tmp_path):
+    """A broker with a small payload limit gets several messages, each under the limit, with every
+    reading in exactly one of them."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig, MqttSettings, SamplingSettings
+    from edgeloop import wire
+
+    accepted = []
+    cfg = AgentConfig(device_id="split-1", data_dir=str(tmp_path), mqtt=MqttSettings(max_payload=4096),
+                      sampling=SamplingSettings(rate_hz=100.0, batch_s=1.0))
+    agent = Agent(cfg, on_accept=accepted.append)
+    agent._open()
+    try:
+        for i in range(100):
+            agent._batch.append(wire.Reading(1_700_000_000 + i / 100, [float(i), 1.5, 2.5, 3.5], 0))
+        agent._flush_batch()
+    finally:
+        agent._close()
+    assert len(accepted) > 1
+    assert all(len(wire.encode(m)) <= 4096 for m in accepted)
+    assert [r.values[0] for m in accepted for r in m.readings] == [float(i) for i in range(100)]
+    assert [m.seq for m in accepted] == list(range(len(accepted)))
