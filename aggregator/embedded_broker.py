@@ -21,6 +21,7 @@ What rumqttd 0.20 does differently from Mosquitto, measured, and carried in
 - it disconnects a client that acknowledges out of order: acknowledge in arrival order;
 - MQTT 5 and MQTT 3.1.1 need separate listeners (each refuses the other's CONNECT): ``url`` is
   the MQTT 5 listener, ``url_v311`` the 3.1.1 one; both reach the same topics and sessions;
+- its MQTT 5 CONNACK announces no Receive Maximum (so 65535): size windows from the capabilities;
 - a publish above ``max_payload`` makes the broker drop the publisher's connection.
 """
 
@@ -255,7 +256,8 @@ class EmbeddedBroker:
             return self
         if importlib.util.find_spec("iotcore") is None:
             raise EmbeddedBrokerError(
-                "the embedded MQTT broker needs the 'iotcore' package: pip install 'edgeloop[aggregator]'"
+                "the embedded MQTT broker needs the 'iotcore' package: "
+                "pip install 'edgeloop[aggregator]'"
             )
         if self._data_dir_arg is not None:
             self._data_dir_arg.mkdir(parents=True, exist_ok=True)
@@ -271,12 +273,14 @@ class EmbeddedBroker:
             except _PortRace:
                 if attempt == attempts - 1:
                     self._cleanup_dir()
-                    raise EmbeddedBrokerError("could not find free ports for the embedded broker") from None
+                    raise EmbeddedBrokerError(
+                        "could not find free ports for the embedded broker") from None
             except BaseException:
                 self._cleanup_dir()
                 raise
         atexit.register(self.stop)
-        log.info("embedded MQTT broker (rumqttd) at %s (MQTT 5), %s (MQTT 3.1.1)", self.url, self.url_v311)
+        log.info("embedded MQTT broker (rumqttd) at %s (MQTT 5), %s (MQTT 3.1.1)",
+                 self.url, self.url_v311)
         return self
 
     def _launch(self) -> None:
@@ -304,7 +308,8 @@ class EmbeddedBroker:
                 self._reap()
                 if "in use" in tail or f"os error {errno.EADDRINUSE}" in tail:
                     raise _PortRace()
-                raise EmbeddedBrokerError(f"embedded broker exited with code {process.returncode}:\n{tail}")
+                raise EmbeddedBrokerError(
+                    f"embedded broker exited with code {process.returncode}:\n{tail}")
             if _accepts(self.host, port) and _accepts(self.host, port_v311):
                 self._port, self._port_v311 = port, port_v311
                 # A restart comes back on these ports.
@@ -312,15 +317,18 @@ class EmbeddedBroker:
                 return
             time.sleep(0.02)
         self._reap()
-        raise EmbeddedBrokerError(f"embedded broker did not listen within {self.startup_timeout}s; see {logfile}")
+        raise EmbeddedBrokerError(
+            f"embedded broker did not listen within {self.startup_timeout}s; see {logfile}")
 
     def _config_text(self, port: int, port_v311: int) -> str:
+        max_packet = self.capabilities.max_payload + _PACKET_HEADROOM
         listeners = "".join(
-            _LISTENER.format(v=v, address=self._netloc(p), max_packet=self.capabilities.max_payload + _PACKET_HEADROOM,
+            _LISTENER.format(v=v, address=self._netloc(p), max_packet=max_packet,
                              inflight=_MAX_INFLIGHT)
             for v, p in (("v5", port), ("v4", port_v311))
         )
-        return _CONFIG.format(segment_size=_SEGMENT_SIZE, segment_count=_SEGMENT_COUNT, listeners=listeners)
+        return _CONFIG.format(segment_size=_SEGMENT_SIZE, segment_count=_SEGMENT_COUNT,
+                              listeners=listeners)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the broker and wait for its process to exit. Safe to call twice."""

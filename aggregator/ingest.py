@@ -106,12 +106,19 @@ class Ingest:
         self._writer.start()
         self.link.start(timeout=connect_timeout)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def diagnostics(self) -> dict:
+        return {**vars(self.stats), "connected": self.link.connected, "waiting": self._inbox.qsize(),
+                "confirm_pending_devices": self.confirmer.pending_devices, "confirms_sent": self.confirmer.sent,
+                "reconnects": self.link.reconnects, "writer_alive": bool(self._writer and self._writer.is_alive())}
+
+    def stop(self, timeout: float = 10.0, forget_session: bool = False) -> None:
         """Stop taking messages, flush what was received (write, ack, confirm), disconnect."""
+        (log.warning if self.confirmer.pending_devices or self._inbox.qsize() else log.info)(
+            "ingest stopping: %s", self.diagnostics())
         self._stop.set()
         if self._writer is not None:
             self._writer.join(timeout)
-        self.link.stop()
+        self.link.stop(forget_session=forget_session)
         self.registry.save()
 
     # -- paho's thread -------------------------------------------------------------------------
@@ -153,7 +160,15 @@ class Ingest:
             full = lines >= self.batch_lines or len(batch) >= self.ack_threshold
             late = batch and time.monotonic() - oldest >= self.max_delay_s
             if batch and (full or late or (stopping and item is None)):
-                if not self._flush(batch):
+                try:
+                    flushed = self._flush(batch)
+                except Exception:  # a bug must not silently stop ingest: keep the batch, retry
+                    log.exception("flush failed; the batch stays unacknowledged and is retried")
+                    self.stats.store_retries += 1
+                    if self._stop.wait(1.0):
+                        return
+                    continue
+                if not flushed:
                     return  # stopping while the store is down: nothing acked, the broker keeps it
                 batch, lines = [], 0
             if self.confirmer.due():

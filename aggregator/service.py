@@ -132,9 +132,12 @@ class Aggregator:
         self.ingest.start()
         log.info("aggregator ingesting from %s into %s", self.ingest.link.address, self.store.name)
 
-    def stop(self) -> None:
+    def stop(self, forget_session: bool = False) -> None:
+        """Stop ingesting. A member leaving its shared group for good should ``forget_session``:
+        Mosquitto keeps queueing a share of the group's messages for a persistent session that
+        is gone, and only the devices' re-sends would get those stored."""
         try:
-            self.ingest.stop()
+            self.ingest.stop(forget_session=forget_session)
         finally:
             self.quarantine.close()
             self.store.close()

@@ -12,12 +12,17 @@ measures each candidate under that pattern and checks the features edgeloop reli
   sends a subscriber that never acknowledges (its outbound in-flight cap);
 - ``$share/`` groups (two members must split 10 messages between them), retained message, last
   will on an abrupt disconnect, a persistent session that gets what was published while it was
-  offline, and the largest payload delivered (20 KB, 64 KB, 256 KB, 1 MB).
+  offline, unacknowledged messages redelivered after a subscriber crash, whether acknowledging
+  out of order is tolerated, and the largest payload delivered (20 KB, 64 KB, 256 KB, 1 MB);
+- the broker process's CPU seconds during the flow (the paho clients in this one process are
+  what limits msg/s on 2 cores; the broker's CPU shows its own headroom).
 
 Every broker runs in a child process this script owns and stops (Mosquitto too, as the
-reference). Candidates that are not installed are reported as such. Run::
+reference). Candidates that cannot be imported are reported as such. The project's venv has
+amqtt and iotcore; to try the others without touching it::
 
-    python bench/embedded_broker_probe.py                      # all candidates
+    pip install --target /tmp/brokers moat-lib-mqtt moat-mqtt mqttools
+    PYTHONPATH=/tmp/brokers python bench/embedded_broker_probe.py -r 3      # all candidates
     python bench/embedded_broker_probe.py -c iotcore-default,amqtt -n 50000 --json out.json
 
 The Python brokers live in their own process here, their best case: inside the aggregator's
@@ -128,8 +133,9 @@ class Running:
 
 
 def _child(args: list[str], ports: list[int], workdir: Path) -> Running:
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=open(workdir / "stderr.log", "wb"), cwd=workdir)
+    with open(workdir / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                cwd=workdir)
 
     def stop() -> None:
         if proc.poll() is None:
@@ -191,7 +197,7 @@ def start_iotcore_default(workdir: Path) -> Running:
 
 def start_edgeloop_embedded(workdir: Path) -> Running:
     """rumqttd (iotcore) configured exactly as aggregator.embedded_broker ships it."""
-    import iotcore  # noqa: F401 - ImportError -> "not installed"
+    import iotcore  # noqa: F401 - ImportError -> "unavailable"
     from aggregator.embedded_broker import EmbeddedBroker
 
     broker = EmbeddedBroker(data_dir=workdir).start()

@@ -138,9 +138,26 @@ class Agent:
                 self._service()
                 time.sleep(0.02)
             self._service()
+            if self._outbox.depth:
+                log.warning("%s: %d messages still unconfirmed after the drain: %s", self.device,
+                            self._outbox.depth, self.diagnostics())
             return self._outbox.depth == 0
         finally:
             self._close()
+
+    def diagnostics(self) -> dict:
+        """Delivery state, for status pages and for tests that must say why something did not drain."""
+        link, ob = self._link, self._outbox
+        return {
+            "connected": bool(link and link.connected),
+            "inflight": link.inflight if link else 0,
+            "window_free": link.window_free if link else 0,
+            "reconnects": link.reconnects if link else 0,
+            "published": link.published if link else 0,
+            "outbox_depth": ob.depth if ob else 0,
+            "unconfirmed_sent": ob.unconfirmed_sent if ob else 0,
+            "confirmed": self.stats.confirmed,
+        }
 
     @property
     def outbox_depth(self) -> int:

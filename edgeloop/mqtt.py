@@ -159,12 +159,19 @@ class MqttLink:
                 break  # credentials are wrong; another protocol version will not help
         raise MqttError(f"cannot connect to {self.address} as {self.client_id!r}: {'; '.join(errors)}")
 
-    def stop(self) -> None:
+    def stop(self, forget_session: bool = False) -> None:
+        """Disconnect. ``forget_session`` ends a persistent MQTT 5 session now instead of letting the
+        broker keep it (and, in a shared group, keep queueing a share of the traffic for it)."""
         client = self._client
         if client is None:
             return
         try:
-            client.disconnect()
+            if forget_session and self.protocol == "5":
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+                client.disconnect(properties=props)
+            else:
+                client.disconnect()
         finally:
             client.loop_stop()
             self._connected.clear()

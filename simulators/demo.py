@@ -120,7 +120,8 @@ def run_fleet(options: DemoOptions, console=None) -> DemoResult:
         agg_cfg = AggregatorConfig(
             data_dir=str(run_dir),
             mqtt=MqttSettings(
-                url=mqtt_url, protocol=protocol, share_group="edgeloop" if shared else None,
+                # A group of its own: a real broker may hold other aggregators' sessions.
+                url=mqtt_url, protocol=protocol, share_group=f"edgeloop-demo-{run_id}" if shared else None,
                 client_id=f"edgeloop-demo-agg-{run_id}",
                 receive_maximum=capabilities.receive_maximum if capabilities else 1000,
             ),
@@ -128,7 +129,7 @@ def run_fleet(options: DemoOptions, console=None) -> DemoResult:
         )
         aggregator = Aggregator(agg_cfg)
         aggregator.start()
-        stack.callback(aggregator.stop)
+        stack.callback(aggregator.stop, forget_session=True)
         say(f"aggregator storing into {aggregator.store.name}")
 
         devices = [f"machine-{run_id}-{k + 1:02d}" for k in range(options.devices)]

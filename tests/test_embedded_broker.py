@@ -43,8 +43,8 @@ class Client:
     """A paho client on one of the broker's listeners, with its messages collected."""
 
     def __init__(self, broker: EmbeddedBroker, client_id: str | None = None, *, v5: bool = True,
-                 manual_ack: bool = False, persistent: bool = False) -> None:
-        self.port = broker.port if v5 else broker.port_v311
+                 manual_ack: bool = False, persistent: bool = False, port: int | None = None) -> None:
+        self.port = port or (broker.port if v5 else broker.port_v311)
         self.v5, self.persistent = v5, persistent
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or uuid.uuid4().hex,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -74,7 +74,7 @@ class Client:
             self.messages.append(m)
             self.cond.notify_all()
 
-    def connect(self, will: tuple[str, bytes] | None = None) -> Client:
+    def connect(self, will: tuple[str, bytes] | None = None, timeout: float = 5.0) -> Client:
         if will:
             self.c.will_set(will[0], will[1], qos=1, retain=True)
         kwargs: dict = {}
@@ -86,7 +86,7 @@ class Client:
         self.c.connect("127.0.0.1", self.port, keepalive=30, **kwargs)
         self.c.loop_start()
         with self.cond:
-            assert self.cond.wait_for(lambda: self.connack is not None, 5), "no CONNACK"
+            assert self.cond.wait_for(lambda: self.connack is not None, timeout), "no CONNACK"
         assert not self.connack[1].is_failure, self.connack[1]
         return self
 
@@ -320,12 +320,20 @@ def test_mqtt5_on_url_and_311_on_url_v311_share_one_broker(broker):
     assert EMBEDDED_CAPABILITIES.mqtt5 and broker.capabilities is EMBEDDED_CAPABILITIES
     t = topic()
     sub5 = Client(broker, v5=True).connect()
-    assert sub5.connack[2].json() is not None  # an MQTT 5 CONNACK, with properties
     sub5.subscribe(t)
+    pub5 = Client(broker, v5=True).connect()
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = ("schema", "1")  # an MQTT 5 feature end to end
+    pub5.c.publish(t, b"five", qos=1, properties=props).wait_for_publish(5)
     pub311 = Client(broker, v5=False).connect()
-    pub311.c.publish(t, b"across", qos=1).wait_for_publish(5)
-    assert [m.payload for m in sub5.wait(1)] == [b"across"]
-    sub5.close(), pub311.close()
+    pub311.c.publish(t, b"three", qos=1).wait_for_publish(5)
+    got = sub5.wait(2)
+    assert [m.payload for m in got] == [b"five", b"three"], "both listeners reach one broker"
+    assert got[0].properties.UserProperty == [("schema", "1")]
+    wrong = Client(broker, v5=False, port=broker.port)  # each listener speaks only its version
+    with pytest.raises(AssertionError, match="no CONNACK"):
+        wrong.connect(timeout=2)
+    wrong.close(), sub5.close(), pub5.close(), pub311.close()
 
 
 def test_max_payload_is_delivered_and_more_is_refused(broker):

@@ -32,11 +32,13 @@ def _wait(predicate, timeout=15.0):
 def aggregator(mosquitto, tmp_path):
     from aggregator.service import Aggregator, AggregatorConfig, MqttSettings
 
-    cfg = AggregatorConfig(data_dir=str(tmp_path), mqtt=MqttSettings(url=mosquitto.url, client_id="ingest-test"))
+    # A share group of its own: the session-wide broker may hold other tests' aggregator sessions.
+    cfg = AggregatorConfig(data_dir=str(tmp_path), mqtt=MqttSettings(
+        url=mosquitto.url, client_id=f"ingest-{tmp_path.name}", share_group=f"g-{tmp_path.name}"[:60]))
     agg = Aggregator(cfg)
     agg.start()
     yield agg
-    agg.stop()
+    agg.stop(forget_session=True)
 
 
 def test_hostile_input_is_quarantined_and_good_input_still_flows(mosquitto, aggregator):
