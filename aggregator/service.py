@@ -109,10 +109,8 @@ class Aggregator:
         self.quarantine = Quarantine(state / "quarantine.sqlite")
         self.registry = Registry(state / "registry.json")
         m = cfg.mqtt
-        address = parse_mqtt_url(m.url)
         password = _config.resolve_secret(m.password, m.password_file, "MQTT password")
-        if m.username or password:
-            address = type(address)(address.host, address.port, address.tls, m.username or address.username, password)
+        address = parse_mqtt_url(m.url).with_credentials(m.username, password)
         self.ingest = Ingest(
             self.store,
             address,

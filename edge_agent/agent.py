@@ -96,10 +96,8 @@ class Agent:
         m = self.config.mqtt
         from edgeloop.config import resolve_secret
 
-        address = parse_mqtt_url(m.url)
         password = resolve_secret(m.password, m.password_file, "MQTT password")
-        if m.username or password:
-            address = type(address)(address.host, address.port, address.tls, m.username or address.username, password)
+        address = parse_mqtt_url(m.url).with_credentials(m.username, password)
         will = wire.encode(self._status("offline"))
         self._link = MqttLink(
             address,

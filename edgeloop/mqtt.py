@@ -47,6 +47,12 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
 
+    def with_credentials(self, username: str | None, password: str | None) -> "BrokerAddress":
+        """The same broker with credentials from the config (which win over those in the URL)."""
+        if not (username or password):
+            return self
+        return BrokerAddress(self.host, self.port, self.tls, username or self.username, password or self.password)
+
     def __str__(self) -> str:  # never show the password
         scheme = "mqtts" if self.tls else "mqtt"
         return f"{scheme}://{self.host}:{self.port}"

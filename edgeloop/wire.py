@@ -264,21 +264,31 @@ def encode(message: Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode(topic_name: str, payload: bytes) -> DeviceMessage:
-    """Decode and check one uplink message; raise :class:`WireError` with a reason otherwise."""
+def _check_size(payload: bytes) -> None:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
-    where = parse_topic(topic_name)
-    if where.direction != "dev":
-        raise WireError("bad-topic", "not an uplink topic")
+
+
+def _decode_checked(decoder: msgspec.json.Decoder, payload: bytes):
+    """Decode with ``decoder``; every failure becomes a WireError, and the schema version is checked."""
     try:
-        message = _decoders[where.kind].decode(payload)
+        message = decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise WireError("invalid", str(exc)[:300]) from exc
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise WireError("malformed", str(exc)[:300]) from exc
     if message.v not in ACCEPTED_SCHEMA_VERSIONS:
         raise WireError("unsupported-version", f"v={message.v}")
+    return message
+
+
+def decode(topic_name: str, payload: bytes) -> DeviceMessage:
+    """Decode and check one uplink message; raise :class:`WireError` with a reason otherwise."""
+    _check_size(payload)
+    where = parse_topic(topic_name)
+    if where.direction != "dev":
+        raise WireError("bad-topic", "not an uplink topic")
+    message = _decode_checked(_decoders[where.kind], payload)
     if message.device != where.device:
         raise WireError("device-mismatch", f"payload {message.device!r} on topic of {where.device!r}")
     return message
@@ -286,16 +296,8 @@ def decode(topic_name: str, payload: bytes) -> DeviceMessage:
 
 def decode_confirm(payload: bytes, topic_name: str | None = None) -> Confirm:
     """Decode a delivery confirmation; with ``topic_name``, also check it is for that topic's device."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise WireError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
-    try:
-        message = _confirm_decoder.decode(payload)
-    except msgspec.ValidationError as exc:
-        raise WireError("invalid", str(exc)[:300]) from exc
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise WireError("malformed", str(exc)[:300]) from exc
-    if message.v not in ACCEPTED_SCHEMA_VERSIONS:
-        raise WireError("unsupported-version", f"v={message.v}")
+    _check_size(payload)
+    message = _decode_checked(_confirm_decoder, payload)
     if topic_name is not None:
         where = parse_topic(topic_name)
         if where.direction != "ctl" or where.device != message.device:
