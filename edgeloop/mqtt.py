@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -184,10 +185,16 @@ class MqttLink:
 
     def drop_connection(self) -> None:
         """Close the socket without a DISCONNECT (the broker then sends the last will); paho
-        reconnects by itself. Tests use this to cut the network mid-stream."""
-        if self._client is not None and self._client.socket() is not None:
+        reconnects by itself. Tests use this to cut the network mid-stream.
+
+        ``shutdown()``, not ``close()``: paho then reads end-of-stream and takes its ordinary
+        connection-lost path (on_disconnect) and closes the descriptor itself. Closing it under
+        paho's select() skips on_disconnect and frees the descriptor number for another socket
+        while paho may still use it."""
+        sock = self._client.socket() if self._client is not None else None
+        if sock is not None:
             try:
-                self._client.socket().close()
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -306,8 +313,9 @@ class MqttLink:
         with self._lock:
             self._inflight.clear()
             self._acked_early.clear()
-        if self._connected.is_set():
-            return
+        # Every successful CONNACK is a new network connection, even with no on_disconnect before
+        # it (paho reconnects without one when select() fails on a socket closed under it), so the
+        # owner must always re-subscribe and replay.
         if self.protocol is not None:
             self.reconnects += 1
         self._connected.set()
