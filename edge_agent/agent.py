@@ -37,6 +37,7 @@ class AgentStats:
     samples: int = 0
     missed_samples: int = 0
     readings_accepted: int = 0
+    readings_kept_local: int = 0
     messages_accepted: int = 0
     windows: int = 0
     inferences: int = 0
@@ -80,6 +81,12 @@ class Agent:
         self._batch: list[wire.Reading] = []
         self._window_t: list[float] = []
         self._window_v: list[list[float]] = []
+        self._index = 0  # sample number, continuous across re-schedules
+        self._reschedule = True
+        self._status_at = float("-inf")
+        self._config_revision = 0
+        self._config_rejected: dict[str, str] = {}
+        self._local = None  # raw readings kept on the device in privacy mode
 
     # -- wiring ------------------------------------------------------------------------------------
 
@@ -114,11 +121,35 @@ class Agent:
         )
 
     def _on_message(self, msg) -> None:  # paho's thread: hand over, never touch the outbox here
-        if msg.topic == wire.confirm_topic(self.device):
-            try:
+        try:
+            if msg.topic == wire.confirm_topic(self.device):
                 self._events.put(("confirm", wire.decode_confirm(msg.payload, msg.topic)))
-            except wire.WireError as exc:
-                log.warning("%s: ignoring bad confirmation: %s", self.device, exc)
+            elif msg.topic == wire.config_topic(self.device) and msg.payload:
+                self._events.put(("config", wire.decode_config(msg.payload, msg.topic)))
+        except wire.WireError as exc:
+            log.warning("%s: ignoring a bad message on %s: %s", self.device, msg.topic, exc)
+            if msg.topic == wire.config_topic(self.device):
+                self._events.put(("config-error", exc))
+
+    def _apply_config(self, desired: wire.DesiredConfig) -> None:
+        """Apply a desired-config revision once; report what was applied and refused in the status."""
+        if desired.revision <= self._config_revision:
+            return
+        from edge_agent.remote_config import apply_settings
+
+        before = self.config.sampling
+        self.config, applied, rejected = apply_settings(self.config, dict(desired.settings))
+        self._config_revision, self._config_rejected = desired.revision, rejected
+        if self.config.sampling != before:
+            self._reschedule = True
+        log.info("%s: config revision %d applied %s, refused %s", self.device, desired.revision, applied, rejected)
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        if self._link is not None and self._link.publish(
+            wire.topic(self.device, "status"), wire.encode(self._status("online")), 1, True
+        ):
+            self._status_at = time.monotonic()
 
     # -- run ----------------------------------------------------------------------------------------
 
@@ -162,26 +193,30 @@ class Agent:
         return self._outbox.depth if self._outbox is not None else 0
 
     def _loop(self, stop: threading.Event) -> None:
-        s = self.config.sampling
-        period = 1.0 / (s.rate_hz * s.speed)  # real seconds between samples
-        device_step = 1.0 / s.rate_hz  # device-clock seconds between samples
-        batch_n = max(1, round(s.batch_s * s.rate_hz))
-        window_n = max(2, round(s.window_s * s.rate_hz))
-        start_mono = time.monotonic()
-        start_wall = time.time()
-        i = 0
+        last_t: float | None = None
         while not stop.is_set():
+            if self._reschedule:  # at start, and whenever remote config changed the sampling
+                self._reschedule = False
+                s = self.config.sampling
+                period = 1.0 / (s.rate_hz * s.speed)  # real seconds between samples
+                device_step = 1.0 / s.rate_hz  # device-clock seconds between samples
+                batch_n = max(1, round(s.batch_s * s.rate_hz))
+                window_n = max(2, round(s.window_s * s.rate_hz))
+                start_mono = time.monotonic()
+                start_wall = time.time() if last_t is None else last_t + device_step
+                k = 0  # samples taken on this schedule
             now = time.monotonic()
             due = int((now - start_mono) / period) + 1
-            if due - i > 2:  # the loop stalled: real sensors cannot be read in the past
-                self.stats.missed_samples += due - i - 1
-                i = due - 1
-            while i < due:
-                t = start_wall + i * device_step if s.speed != 1.0 else time.time()
-                self._sample(i, t, batch_n, window_n)
-                i += 1
+            if due - k > 2:  # the loop stalled: real sensors cannot be read in the past
+                self.stats.missed_samples += due - k - 1
+                k = due - 1
+            while k < due:
+                last_t = start_wall + k * device_step if s.speed != 1.0 else time.time()
+                self._sample(self._index, last_t, batch_n, window_n)
+                self._index += 1
+                k += 1
             self._service()
-            wait = start_mono + i * period - time.monotonic()
+            wait = start_mono + k * period - time.monotonic()
             stop.wait(min(max(wait, 0.0), 0.05))
         self._flush_batch()
 
@@ -195,10 +230,18 @@ class Agent:
                 break
             if event == "confirm":
                 self.stats.confirmed += ob.confirm(payload.ranges)
+            elif event == "config":
+                self._apply_config(payload)
+            elif event == "config-error":  # the whole message was unreadable: say so in the status
+                self._config_rejected = {"message": str(payload)[:300]}
+                self._publish_status()
             elif event == "connected":
                 link.subscribe(wire.confirm_topic(self.device), qos=1)
+                link.subscribe(wire.config_topic(self.device), qos=1)
                 ob.replay()
-                link.publish(wire.topic(self.device, "status"), wire.encode(self._status("online")), 1, True)
+                self._publish_status()
+        if time.monotonic() - self._status_at >= self.config.status_interval_s:
+            self._publish_status()
         free = link.window_free
         if free:
             for entry in ob.due(free):
@@ -223,6 +266,14 @@ class Agent:
         if not self._batch:
             return
         readings, self._batch = self._batch, []
+        if self.config.privacy:  # raw readings stay on the device
+            if self._local is None:
+                from edge_agent.localstore import LocalReadings
+
+                self._local = LocalReadings(self.state_dir / "readings.sqlite")
+            self._local.add(self.channels, readings)
+            self.stats.readings_kept_local += len(readings)
+            return
         for part in self._fit_payload(readings):
             self._append("telemetry", lambda seq, part=part: wire.Telemetry(
                 v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(),
@@ -258,6 +309,8 @@ class Agent:
         ))
         if self.model is not None:
             score, anomaly, latency_us = self.model.score(vector)
+            if self.config.threshold is not None:
+                anomaly = bool(score > self.config.threshold)
             self.stats.inferences += 1
             self.stats.anomalies += int(anomaly)
             self.stats.inference_us.append(latency_us)
@@ -285,6 +338,7 @@ class Agent:
             model_version=getattr(self.model, "version", None),
             outbox_depth=ob.depth if ob else 0, dropped=ob.dropped_ranges() if ob else [],
             uptime_s=time.monotonic() - self._started,
+            config_revision=self._config_revision, config_rejected=dict(self._config_rejected),
         )
 
     def _close(self) -> None:
@@ -294,3 +348,5 @@ class Agent:
             self._link.stop()
         if self._outbox is not None:
             self._outbox.close()
+        if self._local is not None:
+            self._local.close()

@@ -58,6 +58,13 @@ class AgentConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     profile: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{0,32}$")] = "machine"
     data_dir: str | None = None
     model_dir: str | None = None  # a directory with model.onnx + manifest.json to serve from the start
+    #: Keep raw readings on the device (a bounded local table) and publish only features,
+    #: inferences and alerts.
+    privacy: bool = False
+    #: Override of the model's anomaly threshold on the score (None: the manifest's).
+    threshold: Annotated[float, Meta(ge=-1e6, le=1e6)] | None = None
+    #: How often the retained status (outbox depth, drops, uptime) is refreshed.
+    status_interval_s: Annotated[float, Meta(ge=1, le=86400)] = 30.0
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     sampling: SamplingSettings = msgspec.field(default_factory=SamplingSettings)
     source: SourceSettings = msgspec.field(default_factory=SourceSettings)
@@ -82,6 +89,9 @@ device_id = "press-01"          # unique per device: letters, digits, '_', '.', 
 profile = "machine"             # device profile: which models and dashboards apply
 # data_dir = "/var/lib/edgeloop"  # outbox, sequence counter and model state (default: ~/.local/share/edgeloop)
 # model_dir = "/var/lib/edgeloop/models/current"  # model.onnx + manifest.json to serve at start
+privacy = false                 # true: raw readings stay on the device; only features, inferences, alerts go out
+# threshold = 0.1               # override the model's anomaly threshold on its score
+status_interval_s = 30.0        # refresh the retained status this often
 
 [mqtt]
 url = "mqtt://127.0.0.1:1883"   # mqtts://host:8883 for TLS

@@ -9,6 +9,7 @@ Topics (``{device}`` and ``{kind}`` are single topic levels)::
     edgeloop/v1/dev/{device}/{kind}      device -> cloud: telemetry, features, inference, alert
     edgeloop/v1/dev/{device}/status      device -> cloud, retained: birth (online) / last will
     edgeloop/v1/ctl/{device}/confirm     cloud -> device: sequence ranges durably stored
+    edgeloop/v1/ctl/{device}/config      cloud -> device, retained: desired settings
 
 Every device message carries ``v`` (schema version), ``device``, ``seq`` (per-device sequence
 number that survives restarts) and ``ts`` (device wall clock, seconds since the epoch). A
@@ -38,15 +39,20 @@ __all__ = [
     "Alert",
     "Status",
     "Confirm",
+    "DesiredConfig",
     "DeviceMessage",
     "Topic",
     "topic",
     "confirm_topic",
+    "config_topic",
+    "control_topic",
+    "DOWNLINK_KINDS",
     "uplink_filter",
     "parse_topic",
     "encode",
     "decode",
     "decode_confirm",
+    "decode_config",
     "merge_ranges",
     "ranges_contain",
     "valid_device_id",
@@ -183,6 +189,9 @@ class Status(_Header, kw_only=True, tag="status"):
     outbox_depth: Annotated[int, Meta(ge=0)] = 0
     dropped: list[SeqRange] = []
     uptime_s: Annotated[float, Meta(ge=0)] = 0.0
+    #: The desired-config revision the agent has processed (0: none), and what it refused and why.
+    config_revision: Annotated[int, Meta(ge=0)] = 0
+    config_rejected: Annotated[dict[Name, Text], Meta(max_length=64)] = {}
 
     def __post_init__(self) -> None:
         _check_ranges(self.dropped)
@@ -200,6 +209,23 @@ class Confirm(Struct, kw_only=True, tag_field="type", tag="confirm"):
         _check_ranges(self.ranges)
 
 
+ConfigValue = Union[bool, int, float, Text, list[Name]]
+
+
+class DesiredConfig(Struct, kw_only=True, tag_field="type", tag="config"):
+    """Cloud -> device, retained: settings to change at run time, as ``{name: value}``.
+
+    The values are checked by the agent, key by key, not here: a bad key is refused on its own
+    (and reported in ``Status.config_rejected``) while the valid ones apply.
+    """
+
+    v: Annotated[int, Meta(ge=1, le=1000)]
+    device: DeviceId
+    revision: Annotated[int, Meta(ge=1, le=2**63 - 1)]
+    ts: Timestamp
+    settings: Annotated[dict[Name, ConfigValue], Meta(max_length=64)]
+
+
 DeviceMessage = Union[Telemetry, Features, Inference, Alert, Status]
 _UPLINK: dict[str, type] = {
     "telemetry": Telemetry,
@@ -213,6 +239,9 @@ UPLINK_KINDS = tuple(_UPLINK)
 _encoder = msgspec.json.Encoder()
 _decoders = {kind: msgspec.json.Decoder(cls) for kind, cls in _UPLINK.items()}
 _confirm_decoder = msgspec.json.Decoder(Confirm)
+_config_decoder = msgspec.json.Decoder(DesiredConfig)
+#: Cloud -> device kinds (topic ``edgeloop/v1/ctl/{device}/{kind}``).
+DOWNLINK_KINDS = ("confirm", "config")
 
 
 class Topic(Struct, frozen=True):
@@ -235,9 +264,20 @@ def topic(device: str, kind: str) -> str:
 
 
 def confirm_topic(device: str) -> str:
+    return control_topic(device, "confirm")
+
+
+def config_topic(device: str) -> str:
+    """The retained desired-config topic of one device."""
+    return control_topic(device, "config")
+
+
+def control_topic(device: str, kind: str) -> str:
+    if kind not in DOWNLINK_KINDS:
+        raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(DOWNLINK_KINDS)}")
     if not valid_device_id(device):
         raise ValueError(f"invalid device id {device!r}: must match {DEVICE_ID_PATTERN}")
-    return f"{TOPIC_ROOT}/ctl/{device}/confirm"
+    return f"{TOPIC_ROOT}/ctl/{device}/{kind}"
 
 
 def uplink_filter(share_group: str | None = None) -> str:
@@ -255,7 +295,7 @@ def parse_topic(name: str) -> Topic:
         raise WireError("bad-device-id", device[:200])
     if direction == "dev" and kind in _UPLINK:
         return Topic("dev", device, kind)
-    if direction == "ctl" and kind == "confirm":
+    if direction == "ctl" and kind in DOWNLINK_KINDS:
         return Topic("ctl", device, kind)
     raise WireError("bad-topic", name[:200])
 
@@ -300,8 +340,19 @@ def decode_confirm(payload: bytes, topic_name: str | None = None) -> Confirm:
     message = _decode_checked(_confirm_decoder, payload)
     if topic_name is not None:
         where = parse_topic(topic_name)
-        if where.direction != "ctl" or where.device != message.device:
+        if where.direction != "ctl" or where.kind != "confirm" or where.device != message.device:
             raise WireError("device-mismatch", f"confirm for {message.device!r} on {topic_name[:200]!r}")
+    return message
+
+
+def decode_config(payload: bytes, topic_name: str | None = None) -> DesiredConfig:
+    """Decode a desired-config message; with ``topic_name``, also check it is for that device."""
+    _check_size(payload)
+    message = _decode_checked(_config_decoder, payload)
+    if topic_name is not None:
+        where = parse_topic(topic_name)
+        if where.direction != "ctl" or where.kind != "config" or where.device != message.device:
+            raise WireError("device-mismatch", f"config for {message.device!r} on {topic_name[:200]!r}")
     return message
 
 

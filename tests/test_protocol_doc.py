@@ -30,8 +30,9 @@ DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 DOC = DOC_PATH.read_text(encoding="utf-8")
 CLASSES: dict[str, type] = {
     "telemetry": wire.Telemetry, "features": wire.Features, "inference": wire.Inference,
-    "alert": wire.Alert, "status": wire.Status, "confirm": wire.Confirm,
+    "alert": wire.Alert, "status": wire.Status, "confirm": wire.Confirm, "config": wire.DesiredConfig,
 }
+RETAINED = {"status", "config"}
 _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 _WITH_VALUE = {"-h", "-p", "-q", "-t", "-m", "-i", "-C", "-W", "-V", "-F", "-k"}
 _FLAGS = {"-r", "-v", "-n", "-d", "-N", "-R"}
@@ -113,9 +114,9 @@ def decode(topic: str, payload: bytes) -> msgspec.Struct:
     where = wire.parse_topic(topic)
     if where.direction == "dev":
         return wire.decode(topic, payload)
-    message = wire.decode_confirm(payload)
-    assert message.device == where.device, "a confirm's device must be its topic's device"
-    return message
+    if where.kind == "config":
+        return wire.decode_config(payload, topic)
+    return wire.decode_confirm(payload, topic)
 
 
 def section(title: str) -> str:
@@ -156,8 +157,8 @@ def test_document_has_commands_with_the_documented_flags():
         assert opts.get("-h") == "localhost" and opts.get("-p") == "1883", str(command)
         assert opts.get("-q") == "1", f"{command}: every topic of the protocol uses QoS 1"
     for command in PUBS:
-        retained = command.kind == "status"
-        assert bool(command.options.get("-r")) == retained, f"{command}: only status is retained"
+        retained = command.kind in RETAINED
+        assert bool(command.options.get("-r")) == retained, f"{command}: only {RETAINED} are retained"
 
 
 @pytest.mark.parametrize("command", ACCEPTED, ids=str)
@@ -187,7 +188,7 @@ def test_refused_example_is_refused_for_the_stated_reason(command):
 
 def test_every_kind_has_an_accepted_example():
     kinds = {c.kind for c in ACCEPTED}
-    assert set(wire.UPLINK_KINDS) | {"confirm"} <= kinds
+    assert set(wire.UPLINK_KINDS) | set(wire.DOWNLINK_KINDS) <= kinds
     states = {json.loads(c.payload)["state"] for c in ACCEPTED if c.kind == "status"}
     assert states == {"online", "offline"}, "show both the birth and the last will"
 
@@ -206,7 +207,7 @@ def test_field_table_lists_exactly_the_fields_of_the_kind(kind):
     header = set.intersection(*({f.encode_name for f in msgspec.structs.fields(CLASSES[k])}
                                 for k in wire.UPLINK_KINDS))
     fields = {f.encode_name for f in msgspec.structs.fields(CLASSES[kind])}
-    expected = fields | {"type"} if kind == "confirm" else fields - header
+    expected = fields | {"type"} if kind in wire.DOWNLINK_KINDS else fields - header
     assert table_names(section(kind)) == expected
     assert table_names(section("Common header")) == header | {"type"}
 
@@ -288,8 +289,8 @@ def _stop(client: mqtt.Client) -> None:
 
 @pytest.mark.mosquitto
 def test_examples_run_against_mosquitto(mosquitto):
-    status_topics = {c.topic for c in ACCEPTED if c.kind == "status"}
-    client, inbox = _subscriber(mosquitto, wire.uplink_filter(), f"{wire.TOPIC_ROOT}/ctl/+/confirm")
+    status_topics = {c.topic for c in ACCEPTED if c.kind in RETAINED}
+    client, inbox = _subscriber(mosquitto, wire.uplink_filter(), f"{wire.TOPIC_ROOT}/ctl/+/+")
     try:
         for command in ACCEPTED:
             run = subprocess.run(_local(command.argv, mosquitto), timeout=15, capture_output=True, text=True)
@@ -323,6 +324,6 @@ def test_examples_run_against_mosquitto(mosquitto):
             assert (topic, payload.encode()) in {(c.topic, c.payload) for c in samples}
             decode(topic, payload.encode())
     finally:
-        for topic in status_topics:  # leave no retained status behind in the shared broker
+        for topic in status_topics:  # leave no retained message behind in the shared broker
             client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
         _stop(client)
