@@ -87,6 +87,8 @@ class Agent:
         self._config_revision = 0
         self._config_rejected: dict[str, str] = {}
         self._local = None  # raw readings kept on the device in privacy mode
+        self._dropped: list[tuple[int, int]] = []  # the outbox's drops, refreshed by the loop
+        self._dropped_seen = 0
 
     # -- wiring ------------------------------------------------------------------------------------
 
@@ -153,14 +155,16 @@ class Agent:
 
     # -- run ----------------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, *, drain_timeout: float = 0.0, connect_timeout: float = 30.0) -> bool:
+    def run(self, stop: threading.Event, *, drain_timeout: float = 0.0, connect_timeout: float = 5.0) -> bool:
         """Sample and publish until ``stop`` is set, then keep delivering for up to ``drain_timeout``
         seconds until the cloud has confirmed everything. Returns True if the outbox is empty;
         whatever is unconfirmed stays on disk for the next run either way."""
         self._open()
         assert self._link is not None and self._outbox is not None
         try:
-            self._link.start(timeout=connect_timeout)
+            # A broker that does not answer yet is no reason to stop sampling: the outbox holds
+            # the data and the link keeps trying. A broker that refuses us is a configuration error.
+            self._link.start(timeout=connect_timeout, require=False)
             self._loop(stop)
             deadline = time.monotonic() + drain_timeout
             while self._outbox.depth and time.monotonic() < deadline:
@@ -187,6 +191,11 @@ class Agent:
             "unconfirmed_sent": ob.unconfirmed_sent if ob else 0,
             "confirmed": self.stats.confirmed,
         }
+
+    @property
+    def dropped_ranges(self) -> list[tuple[int, int]]:
+        """Sequence ranges the outbox's drop policy removed, as of the loop's last pass."""
+        return list(self._dropped)
 
     @property
     def outbox_depth(self) -> int:
@@ -240,6 +249,10 @@ class Agent:
                 link.subscribe(wire.config_topic(self.device), qos=1)
                 ob.replay()
                 self._publish_status()
+        if ob.dropped_total != self._dropped_seen:  # the policy dropped something: tell the cloud now
+            self._dropped_seen = ob.dropped_total
+            self._dropped = ob.dropped_ranges()
+            self._publish_status()
         if time.monotonic() - self._status_at >= self.config.status_interval_s:
             self._publish_status()
         free = link.window_free
@@ -347,6 +360,7 @@ class Agent:
             self._link.publish(wire.topic(self.device, "status"), wire.encode(self._status("offline")), 1, True)
             self._link.stop()
         if self._outbox is not None:
+            self._dropped = self._outbox.dropped_ranges()
             self._outbox.close()
         if self._local is not None:
             self._local.close()

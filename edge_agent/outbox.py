@@ -89,6 +89,8 @@ class Outbox:
         # a restart everything unconfirmed counts as unsent and is replayed in order.
         self._sent: dict[int, float] = {}
         self._cursor = -1  # highest seq handed out for a first send since the last replay
+        #: Messages the drop policy removed, counted in memory (cheap to poll from any thread).
+        self.dropped_total = self.dropped_count()
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -242,6 +244,7 @@ class Outbox:
             self._sent.pop(seq, None)
             self._bytes -= size
         self._depth -= len(rows)
+        self.dropped_total += len(rows)
 
     def _transaction(self):
         return _Tx(self._db)

@@ -135,16 +135,23 @@ class MqttLink:
         self._refused: str | None = None
         self._client: paho.Client | None = None
         self.protocol: str | None = None  # what the broker accepted: "5" or "3.1.1"
+        self._attempt_proto = "5"
         self.reconnects = 0
         self.published = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Connect (falling back to MQTT 3.1.1 if the broker refuses 5) and start the network thread."""
+    def start(self, timeout: float = 10.0, require: bool = True) -> bool:
+        """Connect (falling back to MQTT 3.1.1 if the broker refuses 5) and start the network thread.
+
+        With ``require=False`` a broker that does not answer is not an error: the link keeps
+        trying in the background (a device booting while its network is down must still sample)
+        and ``start`` returns False. A broker that answers and refuses is always an error.
+        """
         order = {"auto": ["5", "3.1.1"], "5": ["5"], "3.1.1": ["3.1.1"]}[self._protocol_pref]
         errors = []
         for proto in order:
+            self._attempt_proto = proto
             self._client = self._make_client(proto)
             self._connected.clear()
             self._refused = None
@@ -157,12 +164,18 @@ class MqttLink:
             while time.monotonic() < deadline and not self._connected.is_set() and not self._refused:
                 time.sleep(0.01)
             if self._connected.is_set():
-                self.protocol = proto
-                return
+                return True
+            refused = self._refused
+            if not require and not refused and proto == order[-1]:
+                # Nobody answered: keep this client trying in the background (paho's own backoff).
+                log.warning("broker %s does not answer yet; %s keeps trying in the background",
+                            self.address, self.client_id)
+                self._attempt_proto = order[0] if self._protocol_pref != "auto" else proto
+                return False
             self._client.loop_stop()
             self._client.disconnect()
-            errors.append(f"MQTT {proto}: {self._refused or 'no answer'}")
-            if self._refused and "authoriz" in self._refused.lower():
+            errors.append(f"MQTT {proto}: {refused or 'no answer'}")
+            if refused and "authoriz" in refused.lower():
                 break  # credentials are wrong; another protocol version will not help
         raise MqttError(f"cannot connect to {self.address} as {self.client_id!r}: {'; '.join(errors)}")
 
@@ -318,6 +331,7 @@ class MqttLink:
         # owner must always re-subscribe and replay.
         if self.protocol is not None:
             self.reconnects += 1
+        self.protocol = self._attempt_proto
         self._connected.set()
         if self._on_connect_cb is not None:
             try:
