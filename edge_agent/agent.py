@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,7 +44,9 @@ class AgentStats:
     inferences: int = 0
     anomalies: int = 0
     confirmed: int = 0
-    inference_us: list[float] = field(default_factory=list)
+    shadow_inferences: int = 0
+    #: The latest inference latencies (bounded: an agent runs for months).
+    inference_us: deque = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class Agent:
@@ -68,6 +71,7 @@ class Agent:
         self.source = source
         self.channels = tuple(source.channels)
         self.model = model
+        self.shadow = None  # a challenger scored on the same windows, reported with role "shadow"
         if model is None and config.model_dir:
             from edge_agent.inference import Model
 
@@ -239,6 +243,16 @@ class Agent:
                 break
             if event == "confirm":
                 self.stats.confirmed += ob.confirm(payload.ranges)
+            elif event == "model":
+                role, model = payload
+                if role == "champion":
+                    self.model = model
+                else:
+                    self.shadow = model
+                self._publish_status()
+            elif event == "promote" and self.shadow is not None:
+                self.model, self.shadow = self.shadow, None
+                self._publish_status()
             elif event == "config":
                 self._apply_config(payload)
             elif event == "config-error":  # the whole message was unreadable: say so in the status
@@ -320,20 +334,38 @@ class Agent:
             feature_set=features.FEATURE_SET, window_start=start, window_end=end,
             names=list(names), values=[float(x) for x in vector],
         ))
-        if self.model is not None:
-            score, anomaly, latency_us = self.model.score(vector)
-            if self.config.threshold is not None:
-                anomaly = bool(score > self.config.threshold)
-            self.stats.inferences += 1
-            self.stats.anomalies += int(anomaly)
+        for role, model in (("champion", self.model), ("shadow", self.shadow)):
+            if model is None:
+                continue
+            score, anomaly, latency_us = model.score(vector)
+            if role == "champion":
+                if self.config.threshold is not None:
+                    anomaly = bool(score > self.config.threshold)
+                self.stats.inferences += 1
+                self.stats.anomalies += int(anomaly)
+            else:
+                self.stats.shadow_inferences += 1
             self.stats.inference_us.append(latency_us)
-
-            self._append("inference", lambda seq: wire.Inference(
+            self._append("inference", lambda seq, role=role, version=model.version, score=score, anomaly=anomaly,
+                         latency_us=latency_us: wire.Inference(
                 v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(),
-                profile=self.config.profile, model_version=self.model.version,
+                profile=self.config.profile, model_version=version,
                 feature_set=features.FEATURE_SET, window_end=end, score=float(score),
-                anomaly=bool(anomaly), latency_us=float(latency_us),
+                anomaly=bool(anomaly), latency_us=float(latency_us), role=role,
             ))
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def swap_model(self, model, role: str = "champion") -> None:
+        """Serve ``model`` as champion or shadow (None removes the shadow). Thread-safe: the loop
+        applies it between two samples, so no window is lost or scored by half a swap."""
+        if role not in ("champion", "shadow"):
+            raise ValueError(f"role must be champion or shadow, not {role!r}")
+        self._events.put(("model", (role, model)))
+
+    def promote_shadow(self) -> None:
+        """Make the shadow the champion (thread-safe, applied between samples)."""
+        self._events.put(("promote", None))
 
     def _append(self, kind: str, make: Callable[[int], wire.Struct]) -> None:
         """Put one message in the outbox under the next sequence number; report it once it is durable."""

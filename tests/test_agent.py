@@ -90,3 +90,54 @@ def test_example_status_fields_round_trip():
     s = wire.Status(v=1, device="d1", seq=3, ts=1.0, state="online", config_revision=2,
                     config_rejected={"bogus": "unknown setting"})
     assert msgspec.json.decode(wire.encode(s))["config_rejected"] == {"bogus": "unknown setting"}
+
+
+def _small_model(directory, version, seed):
+    from edge_agent.inference import Model
+    from models import training
+
+    X, names = training.simulated_training_set("machine", seed=seed, windows=300, window_len=20, rate_hz=10.0)
+    onnx_bytes, manifest = training.train_isolation_forest(X, names, version=version, profile="machine",
+                                                           seed=seed, n_estimators=20, max_samples=256)
+    return Model.load(training.write_model(directory, onnx_bytes, manifest))
+
+
+def test_shadow_scores_the_same_windows_and_promotion_swaps_without_losing_one(tmp_path):
+    """No broker needed: the agent samples into its outbox while the link keeps trying."""
+    from edge_agent.agent import Agent
+    from tests.services import free_port
+
+    champion = _small_model(tmp_path / "a", "1.0.0", 1)
+    challenger = _small_model(tmp_path / "b", "2.0.0", 2)
+    accepted = []
+    cfg = AgentConfig(device_id="shadow-1", data_dir=str(tmp_path),
+                      mqtt=MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}", protocol="5"),
+                      sampling=SamplingSettings(rate_hz=10.0, batch_s=1.0, window_s=2.0, speed=50.0))
+    agent = Agent(cfg, model=champion, on_accept=accepted.append)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), kwargs={"connect_timeout": 0.2})
+    thread.start()
+    try:
+        assert _wait(lambda: agent.stats.windows >= 5)
+        agent.swap_model(challenger, role="shadow")
+        assert _wait(lambda: agent.stats.shadow_inferences >= 5)
+        agent.promote_shadow()
+        assert _wait(lambda: agent.model is challenger and agent.stats.windows >= agent.stats.inferences > 0)
+        windows_at_promotion = agent.stats.windows
+        assert _wait(lambda: agent.stats.windows >= windows_at_promotion + 5)
+    finally:
+        stop.set()
+        thread.join(30)
+    features = [m for m in accepted if isinstance(m, wire.Features)]
+    inferences = [m for m in accepted if isinstance(m, wire.Inference)]
+    champ = [m for m in inferences if m.role == "champion"]
+    shadow = [m for m in inferences if m.role == "shadow"]
+    # Every window was scored by exactly one champion, before, during and after the swaps.
+    assert sorted(m.window_end for m in champ) == sorted(m.window_end for m in features)
+    # The shadow scored the very windows the champion scored while it ran beside it.
+    shadow_windows = {m.window_end for m in shadow}
+    assert shadow_windows and shadow_windows <= {m.window_end for m in champ if m.model_version == "1.0.0"}
+    assert all(m.model_version == "2.0.0" for m in shadow)
+    versions = [m.model_version for m in sorted(champ, key=lambda m: m.window_end)]
+    assert versions[0] == "1.0.0" and versions[-1] == "2.0.0"
+    assert versions == sorted(versions)  # one switch, never back
