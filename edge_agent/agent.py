@@ -12,6 +12,7 @@ Readings carry the wall-clock time at which they were taken; a simulated device 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
 import numpy as np
 
 from edgeloop import wire
@@ -45,6 +47,7 @@ class AgentStats:
     anomalies: int = 0
     confirmed: int = 0
     shadow_inferences: int = 0
+    alerts: int = 0
     #: The latest inference latencies (bounded: an agent runs for months).
     inference_us: deque = field(default_factory=lambda: deque(maxlen=1000))
 
@@ -68,6 +71,11 @@ class Agent:
             from edge_agent.sources import create_source
 
             source = create_source(config.source.name, dict(config.source.options))
+            if config.source.name not in ("simulated", "composite"):  # composite guards its parts itself
+                from edge_agent.sources.guard import GuardedSource
+
+                # A hung or failing sensor yields None for its channels; it never stalls the sampler.
+                source = GuardedSource(source, timeout_s=min(1.0, 0.5 / config.sampling.rate_hz))
         self.source = source
         self.channels = tuple(source.channels)
         self.model = model
@@ -77,6 +85,14 @@ class Agent:
 
             self.model = Model.load(config.model_dir)
         self.on_accept = on_accept
+        from edge_agent import quality
+        from edge_agent.clock import ClockWatch
+        from edge_agent.rules import Rules
+
+        self._quality = quality.QualityChecker(self.channels, config.quality, period_s=1.0 / config.sampling.rate_hz)
+        self._clock = ClockWatch(config.clock_step_s)
+        self._rules = Rules(config.rules) if config.rules.rules else None
+        self._window_flags = 0
         self.stats = AgentStats()
         self._events: queue.Queue = queue.Queue()
         self._outbox: Outbox | None = None
@@ -279,9 +295,20 @@ class Agent:
     # -- sampling, batching, windows ------------------------------------------------------------------
 
     def _sample(self, i: int, t: float, batch_n: int, window_n: int) -> None:
-        values = list(self.source.read(i, t))
+        from edge_agent.quality import CLOCK_STEP
+
+        raw = list(self.source.read(i, t))
+        flags = self._quality.check(t, raw)
+        if self.config.sampling.speed == 1.0:  # a simulated, accelerated clock has no wall clock to watch
+            step = self._clock.observe(time.monotonic(), time.time())
+            if step is not None:
+                flags |= CLOCK_STEP
+                log.warning("%s: wall clock stepped by %+.3f s; readings flagged", self.device, step)
+        # The contract carries finite numbers only; the quality flags already say what was wrong.
+        values = [v if v is None or math.isfinite(v) else None for v in raw]
         self.stats.samples += 1
-        self._batch.append(wire.Reading(t, values, 0))
+        self._window_flags |= flags
+        self._batch.append(wire.Reading(t, values, flags))
         if len(self._batch) >= batch_n:
             self._flush_batch()
         self._window_t.append(t)
@@ -324,6 +351,7 @@ class Agent:
         t = np.asarray(self._window_t)
         window = np.asarray(self._window_v, dtype=float)
         self._window_t, self._window_v = [], []
+        window_flags, self._window_flags = self._window_flags, 0
         names = features.feature_names(self.channels)
         vector = features.compute(window, t, self.channels)
         self.stats.windows += 1
@@ -332,8 +360,10 @@ class Agent:
         self._append("features", lambda seq: wire.Features(
             v=wire.SCHEMA_VERSION, device=self.device, seq=seq, ts=time.time(), profile=self.config.profile,
             feature_set=features.FEATURE_SET, window_start=start, window_end=end,
-            names=list(names), values=[float(x) for x in vector],
+            names=list(names), values=[float(x) for x in vector], flags=window_flags,
         ))
+        inputs = dict(zip(names, (float(x) for x in vector)))
+        inputs.update(zip(self.channels, (float(v) for v in window[-1])))
         for role, model in (("champion", self.model), ("shadow", self.shadow)):
             if model is None:
                 continue
@@ -341,6 +371,7 @@ class Agent:
             if role == "champion":
                 if self.config.threshold is not None:
                     anomaly = bool(score > self.config.threshold)
+                inputs["score"] = float(score)
                 self.stats.inferences += 1
                 self.stats.anomalies += int(anomaly)
             else:
@@ -353,6 +384,13 @@ class Agent:
                 feature_set=features.FEATURE_SET, window_end=end, score=float(score),
                 anomaly=bool(anomaly), latency_us=float(latency_us), role=role,
             ))
+
+        if self._rules is not None:
+            for event in self._rules.evaluate(inputs, time.monotonic()):
+                self.stats.alerts += 1
+                self._append("alert", lambda seq, e=event: msgspec.structs.replace(
+                    e.alert(device=self.device, seq=seq, ts=time.time(), window_end=end,
+                            profile=self.config.profile), state=e.state))
 
     # -- models ------------------------------------------------------------------------------------
 
@@ -384,7 +422,16 @@ class Agent:
             outbox_depth=ob.depth if ob else 0, dropped=ob.dropped_ranges() if ob else [],
             uptime_s=time.monotonic() - self._started,
             config_revision=self._config_revision, config_rejected=dict(self._config_rejected),
+            quality=self._quality_totals(), clock_steps=self._clock.steps,
+            last_clock_step_s=self._clock.last.step_s if self._clock.last else 0.0,
         )
+
+    def _quality_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {"gap": self._quality.gaps}
+        for per_check in self._quality.counts().values():
+            for check, n in per_check.items():
+                totals[check] = totals.get(check, 0) + n
+        return totals
 
     def _close(self) -> None:
         if self._link is not None:
@@ -396,3 +443,5 @@ class Agent:
             self._outbox.close()
         if self._local is not None:
             self._local.close()
+        if self._rules is not None:
+            self._rules.close()

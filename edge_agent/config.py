@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from edge_agent.quality import QualitySettings
+from edge_agent.rules import RulesSettings
 from edgeloop import config as _config
 from edgeloop.wire import DEVICE_ID_PATTERN
 
@@ -69,6 +71,11 @@ class AgentConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     sampling: SamplingSettings = msgspec.field(default_factory=SamplingSettings)
     source: SourceSettings = msgspec.field(default_factory=SourceSettings)
     outbox: OutboxSettings = msgspec.field(default_factory=OutboxSettings)
+    quality: QualitySettings = msgspec.field(default_factory=QualitySettings)
+    #: Local rules: ``[[rules.rules]]`` tables (threshold, hysteresis, cool-down, optional action).
+    rules: RulesSettings = msgspec.field(default_factory=RulesSettings)
+    #: A wall-clock jump bigger than this between two samples is flagged as a clock step.
+    clock_step_s: Annotated[float, Meta(gt=0)] = 1.0
 
     def state_dir(self) -> Path:
         """Where this device keeps its outbox, sequence and model state."""
@@ -111,7 +118,7 @@ batch_s = 1.0                   # one telemetry message per second of readings
 window_s = 5.0                  # feature window; features and inference once per window
 
 [source]
-name = "simulated"              # simulated | (more sources: see the README)
+name = "simulated"              # simulated | host | ds18b20 | bme280 | csv | composite (docs/raspberry-pi.md)
 options = { profile = "machine", seed = 1 }
 
 [outbox]
@@ -119,4 +126,23 @@ max_bytes = 67108864            # 64 MB on disk; past it the drop policy removes
 max_age_s = 604800.0            # a week
 resend_after_s = 10.0           # re-send what the cloud has not confirmed after this long
 synchronous = "FULL"            # fsync every accepted message: a power cut never reuses a sequence number
+
+[quality]                       # data-quality flags on every reading (counted in the status)
+stuck_n = 50                    # readings without change that make a channel "stuck"
+spike_k = 8.0                   # |x - rolling median| > spike_k x robust scale is a spike
+[quality.ranges]                # physical limits per channel
+vibration = [-50.0, 50.0]
+bearing_temp = [-20.0, 120.0]
+motor_current = [0.0, 60.0]
+rpm = [0.0, 3000.0]
+
+# Local rules: fire an alert (and optionally run a command) with hysteresis and cool-down.
+[[rules.rules]]
+name = "anomaly"
+input = "score"                 # the champion model's score, a feature name, or a channel's last value
+on = 0.15
+off = 0.10
+cooldown_s = 60.0
+severity = "warning"
+# command = { argv = ["/usr/local/bin/stop-line"], timeout_s = 10.0 }
 """

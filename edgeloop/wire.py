@@ -178,6 +178,7 @@ class Alert(_Header, kw_only=True, tag="alert"):
     value: Finite
     window_end: Timestamp
     message: Text = ""
+    state: Literal["fired", "cleared"] = "fired"
 
 
 class Status(_Header, kw_only=True, tag="status"):
@@ -192,6 +193,11 @@ class Status(_Header, kw_only=True, tag="status"):
     #: The desired-config revision the agent has processed (0: none), and what it refused and why.
     config_revision: Annotated[int, Meta(ge=0)] = 0
     config_rejected: Annotated[dict[Name, Text], Meta(max_length=64)] = {}
+    #: Readings flagged by each data-quality check since the agent started (see the flag bits).
+    quality: Annotated[dict[Name, Annotated[int, Meta(ge=0)]], Meta(max_length=32)] = {}
+    #: Wall-clock steps the sampler saw (a Pi without RTC syncing NTP late) and the last one's size.
+    clock_steps: Annotated[int, Meta(ge=0)] = 0
+    last_clock_step_s: Finite = 0.0
 
     def __post_init__(self) -> None:
         _check_ranges(self.dropped)

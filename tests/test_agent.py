@@ -141,3 +141,51 @@ def test_shadow_scores_the_same_windows_and_promotion_swaps_without_losing_one(t
     versions = [m.model_version for m in sorted(champ, key=lambda m: m.window_end)]
     assert versions[0] == "1.0.0" and versions[-1] == "2.0.0"
     assert versions == sorted(versions)  # one switch, never back
+
+
+class _SteppingClock:
+    """``time`` for the agent module with a wall clock we can step (the monotonic one is real)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self):
+        return time.time() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_clock_step_is_flagged_and_rules_alert_with_hysteresis(tmp_path, monkeypatch):
+    import edge_agent.agent as agent_module
+    from edge_agent.agent import Agent
+    from edge_agent.quality import CLOCK_STEP
+    from edge_agent.rules import RulesSettings, ThresholdRule
+    from tests.services import free_port
+
+    clock = _SteppingClock()
+    monkeypatch.setattr(agent_module, "time", clock)
+    accepted = []
+    # rpm sits near 1470 on the simulated machine: a rule at 1000 fires at once and never clears.
+    rules = RulesSettings(rules=[ThresholdRule(name="rpm_high", input="rpm", on=1000.0, off=900.0, cooldown_s=0)])
+    cfg = AgentConfig(device_id="clock-1", data_dir=str(tmp_path), rules=rules,
+                      mqtt=MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}", protocol="5"),
+                      sampling=SamplingSettings(rate_hz=20.0, batch_s=0.5, window_s=0.5))
+    agent = Agent(cfg, on_accept=accepted.append)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), kwargs={"connect_timeout": 0.2})
+    thread.start()
+    try:
+        assert _wait(lambda: agent.stats.samples > 20)
+        clock.offset = -30.0  # NTP steps the clock back half a minute
+        assert _wait(lambda: agent._clock.steps == 1)
+        assert _wait(lambda: agent.stats.windows >= 4)
+    finally:
+        stop.set()
+        thread.join(30)
+    readings = [r for m in accepted if isinstance(m, wire.Telemetry) for r in m.readings]
+    stepped = [r for r in readings if r.flags & CLOCK_STEP]
+    assert len(stepped) == 1  # the first reading after the jump, and only that one
+    assert agent._clock.last.step_s == pytest.approx(-30.0, abs=0.5)
+    alerts = [m for m in accepted if isinstance(m, wire.Alert)]
+    assert len(alerts) == 1 and alerts[0].state == "fired" and alerts[0].rule == "rpm_high"

@@ -327,3 +327,13 @@ def test_examples_run_against_mosquitto(mosquitto):
         for topic in status_topics:  # leave no retained message behind in the shared broker
             client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
         _stop(client)
+
+
+def test_flag_table_is_the_agent_s():
+    from edge_agent import quality
+
+    rows = re.findall(r"^\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*`([a-z_]+)`\s*\|", section("Data-quality flags"), re.M)
+    documented = {name: int(value) for _, value, name in rows}
+    assert all(int(value) == 1 << int(bit) for bit, value, _ in rows)
+    device_flags = {name: bit for name, bit in quality.FLAGS.items() if bit < 256}
+    assert documented == device_flags

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_agent.sources import SOURCES, Source, create_source, known_sources, source_class
+from edge_agent.sources import Source, create_source, known_sources, source_class
 from edge_agent.sources.simulated import SimulatedSource
 from edgeloop.wire import NAME_PATTERN
 from simulators.machine import BLOCK, CHANNELS, Fault, MachineSimulator
@@ -127,9 +127,9 @@ def test_block_is_fast():
 # -- the source registry and the simulated source -----------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SOURCES))
+@pytest.mark.parametrize("name", ["simulated"])  # every source, with sample options: tests/test_sources.py
 def test_every_registered_source_conforms(name):
-    """Conformance over every registered source that can be built from its defaults."""
+    """Conformance of the simulated source built from its defaults."""
     cls = source_class(name)
     assert cls.name == name  # the registered name is the one the class declares
     source = create_source(name, {})
