@@ -18,7 +18,7 @@ from msgspec import Meta, Struct
 from edgeloop import config as _config
 from edgeloop.mqtt import parse_mqtt_url
 
-__all__ = ["AggregatorConfig", "Aggregator", "load", "EXAMPLE"]
+__all__ = ["AggregatorConfig", "Aggregator", "HttpSettings", "load", "EXAMPLE"]
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +52,36 @@ class IngestSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     confirm_interval_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
 
 
+class HttpSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The HTTP port for ``/metrics`` and the fleet API (aggregator/http.py)."""
+
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080  # 0: any free port (see Aggregator.http_port)
+    host: str = "127.0.0.1"
+
+
 class AggregatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The whole aggregator configuration.
+
+    ``http`` is None for an aggregator built in code (tests, the demo): no HTTP port unless
+    asked for. :func:`load` (the config file and the command line) fills in the default
+    :class:`HttpSettings`, so ``edgeloop aggregator`` serves on 127.0.0.1:8080 out of the box.
+    """
+
     data_dir: str | None = None
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     influx: InfluxSettings = msgspec.field(default_factory=InfluxSettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
+    http: HttpSettings | None = None
 
     def state_dir(self) -> Path:
         return (Path(self.data_dir) if self.data_dir else _config.default_data_dir()) / "aggregator"
 
 
 def load(path: str | Path | None, **overrides: Any) -> AggregatorConfig:
-    return _config.load(path, AggregatorConfig, overrides)
+    cfg = _config.load(path, AggregatorConfig, overrides)
+    if cfg.http is None:  # the service always has its HTTP port; see AggregatorConfig
+        cfg.http = HttpSettings()
+    return cfg
 
 
 def open_store(cfg: AggregatorConfig):
@@ -95,7 +113,8 @@ def _env_default(name: str) -> str | None:
 
 
 class Aggregator:
-    """Store, quarantine, registry and ingest, started and stopped together."""
+    """Store, quarantine, registry, ingest and (if configured) the HTTP port, started and
+    stopped together. :attr:`http_port` is the bound HTTP port while running, else None."""
 
     def __init__(self, cfg: AggregatorConfig, store=None) -> None:
         from aggregator.ingest import Ingest
@@ -125,16 +144,37 @@ class Aggregator:
             ack_threshold=min(cfg.ingest.ack_threshold, max(1, m.receive_maximum // 2)),
             confirm_interval_s=cfg.ingest.confirm_interval_s,
         )
+        self._http = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
 
     def start(self) -> None:
-        self.ingest.start()
+        # HTTP first: a taken port is a config error, found before any broker session exists.
+        if self.config.http is not None:
+            from aggregator.http import HttpServer, make_app
+
+            self._http = HttpServer(make_app(self), self.config.http.host, self.config.http.port)
+            self._http.start()
+        try:
+            self.ingest.start()
+        except BaseException:
+            self._stop_http()
+            raise
         log.info("aggregator ingesting from %s into %s", self.ingest.link.address, self.store.name)
+
+    def _stop_http(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
 
     def stop(self, forget_session: bool = False) -> None:
         """Stop ingesting. A member leaving its shared group for good should ``forget_session``:
         Mosquitto keeps queueing a share of the group's messages for a persistent session that
         is gone, and only the devices' re-sends would get those stored."""
         try:
+            self._stop_http()  # before the quarantine closes: no request may read a closed database
             self.ingest.stop(forget_session=forget_session)
         finally:
             self.quarantine.close()
@@ -174,4 +214,8 @@ batch_lines = 5000                 # flush at this many points ...
 max_delay_s = 0.05                 # ... or when the oldest message waited this long ...
 ack_threshold = 500                # ... or when this many messages wait for their acknowledgement
 confirm_interval_s = 1.0           # how often devices hear what is stored
+
+[http]                             # Prometheus /metrics, fleet API (/api/fleet ...), /openapi.json
+port = 8080                        # 0: any free port (logged at start)
+host = "127.0.0.1"                 # "0.0.0.0" to serve beyond this machine; the API has no auth
 """

@@ -416,7 +416,7 @@ class Agent:
     def _status(self, state: str) -> wire.Status:
         ob = self._outbox
         return wire.Status(
-            v=wire.SCHEMA_VERSION, device=self.device, seq=max(ob.last_seq, 0) if ob else 0, ts=time.time(),
+            v=wire.SCHEMA_VERSION, device=self.device, seq=ob.next_seq if ob else 0, ts=time.time(),
             profile=self.config.profile, state=state, agent_version=AGENT_VERSION,
             model_version=getattr(self.model, "version", None),
             outbox_depth=ob.depth if ob else 0, dropped=ob.dropped_ranges() if ob else [],

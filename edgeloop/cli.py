@@ -76,7 +76,9 @@ def agent(config_file, example_config, device_id, mqtt_url, data_dir, model_dir)
 @click.option("--influx-database", metavar="NAME", help="Database (the bucket on InfluxDB 2.x/3.x).")
 @click.option("--influx-org", metavar="ORG", help="Organisation (InfluxDB 2.x/3.x).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Registry, quarantine, embedded store.")
-def aggregator(config_file, example_config, mqtt_url, influx_url, influx_database, influx_org, data_dir) -> None:
+@click.option("--http-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Port for /metrics and the fleet API (default 8080; 0: any free port).")
+def aggregator(config_file, example_config, mqtt_url, influx_url, influx_database, influx_org, data_dir, http_port) -> None:
     """Run the aggregator: ingest from MQTT, store, confirm delivery, keep the fleet registry.
 
     Secrets come from EDGELOOP_INFLUX_TOKEN, EDGELOOP_INFLUX_USERNAME / EDGELOOP_INFLUX_PASSWORD
@@ -91,7 +93,8 @@ def aggregator(config_file, example_config, mqtt_url, influx_url, influx_databas
         cfg = service.load(
             config_file,
             data_dir=data_dir,
-            **{"mqtt.url": mqtt_url, "influx.url": influx_url, "influx.database": influx_database, "influx.org": influx_org},
+            **{"mqtt.url": mqtt_url, "influx.url": influx_url, "influx.database": influx_database,
+               "influx.org": influx_org, "http.port": http_port},
         )
         runner = service.Aggregator(cfg)
     except (ConfigError, ValueError) as exc:
@@ -100,7 +103,120 @@ def aggregator(config_file, example_config, mqtt_url, influx_url, influx_databas
         raise click.ClickException(f"cannot start the aggregator: {exc}") from None
     stop = _stop_on_signals()
     click.echo(f"aggregator: {cfg.mqtt.url} -> {runner.store.name}; Ctrl-C to stop", err=True)
-    runner.run_until(stop)
+    try:
+        runner.start()
+    except Exception as exc:  # HTTP port taken, broker unreachable: say so plainly
+        raise click.ClickException(f"cannot start the aggregator: {exc}") from None
+    if runner.http_port is not None:
+        click.echo(f"aggregator: metrics and fleet API on http://{cfg.http.host}:{runner.http_port}", err=True)
+    try:
+        stop.wait()
+    finally:
+        runner.stop()
+
+
+@main.command()
+@click.option("--api", "api_url", default="http://127.0.0.1:8080", show_default=True, envvar="EDGELOOP_API",
+              metavar="URL", help="The aggregator's HTTP address (env EDGELOOP_API).")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 120), help="Seconds to wait.")
+def fleet(api_url, timeout) -> None:
+    """Show the aggregator's fleet registry: state, last seen, model, outbox, loss counters."""
+    from rich.console import Console
+
+    if "://" not in api_url:
+        api_url = f"http://{api_url}"
+    data = _get_json(api_url.rstrip("/") + "/api/fleet", timeout)
+    devices = data.get("devices") if isinstance(data, dict) else None
+    if not isinstance(devices, list):
+        raise click.ClickException(f"{api_url} did not answer /api/fleet with a device list; is it an edgeloop aggregator?")
+    console = Console()
+    table = _fleet_table(devices, float(data.get("now") or 0.0))
+    if not console.is_terminal:  # piped: print whole cells rather than squeeze them into 80 columns
+        from rich.measure import Measurement
+
+        needed = Measurement.get(console, console.options.update_width(1000), table).maximum
+        console.width = max(console.width, needed)
+    console.print(table)
+
+
+def _get_json(url: str, timeout: float):
+    """GET ``url`` with the stdlib (the CLI stays light); any failure is a ClickException naming it."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error") or exc.reason
+        except Exception:
+            reason = exc.reason
+        raise click.ClickException(f"{url} answered {exc.code}: {reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        why = getattr(exc, "reason", exc)
+        raise click.ClickException(f"cannot reach the aggregator API at {url}: {why}") from None
+    except ValueError as exc:
+        raise click.ClickException(f"{url} did not answer JSON: {exc}") from None
+
+
+# Loss and clock columns, each shown when the aggregator reports any of its fields (first present
+# wins), so the table follows the registry as it grows: sequence accounting, then the older
+# device-reported ranges; the skew estimate, then the last measured skew.
+_EXTRA_COLUMNS = (
+    ("dropped", ("seq_dropped", "dropped")),
+    ("lost", ("seq_lost", "lost")),
+    ("pending", ("seq_pending",)),
+    ("skew s", ("skew_s", "clock_skew_s")),
+)
+
+
+def _fleet_table(devices: list[dict], now: float):
+    from rich.table import Table
+
+    present = {k for d in devices for k in d}
+    extra = [(title, next(f for f in fields if f in present))
+             for title, fields in _EXTRA_COLUMNS if any(f in present for f in fields)]
+    table = Table(title=f"edgeloop fleet: {len(devices)} device(s)")
+    table.add_column("device", no_wrap=True)
+    for name in ("state", "profile", "last seen", "model", "outbox", "messages", *(t for t, _ in extra)):
+        table.add_column(name, justify="left" if name in ("state", "profile", "last seen", "model") else "right")
+    colours = {"online": "green", "offline": "red"}
+    for d in devices:
+        state = str(d.get("state", "?"))
+        cells = [_cell(d.get(field)) for _, field in extra]
+        if d.get("skew_flagged") and extra and extra[-1][0] == "skew s":
+            cells[-1] = f"[red]{cells[-1]}[/]"
+        table.add_row(
+            str(d.get("device", "?")), f"[{colours.get(state, 'yellow')}]{state}[/]", str(d.get("profile") or "-"),
+            _age(now, d.get("last_seen")), str(d.get("model_version") or "-"), str(d.get("outbox_depth", "-")),
+            str(d.get("messages", "-")), *cells,
+        )
+    return table
+
+
+def _age(now: float, then) -> str:
+    if not then:
+        return "never"
+    s = max(0.0, now - float(then))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def _cell(value) -> str:
+    """Ranges of sequence numbers as a count, seconds with a sign, the rest as they are."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        if all(isinstance(r, list) and len(r) == 2 for r in value):
+            return str(sum(b - a + 1 for a, b in value))
+        return str(len(value))
+    if isinstance(value, float):
+        return f"{value:+.1f}"
+    return str(value)
 
 
 @main.command()

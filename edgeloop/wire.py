@@ -182,7 +182,8 @@ class Alert(_Header, kw_only=True, tag="alert"):
 
 
 class Status(_Header, kw_only=True, tag="status"):
-    """Birth (``online``) and last will (``offline``); retained. ``seq`` is the last one assigned."""
+    """Birth (``online``) and last will (``offline``); retained. ``seq`` is the device's next
+    sequence number: it has assigned ``0 .. seq - 1`` (0: none yet)."""
 
     state: Literal["online", "offline"]
     agent_version: Version = "0"

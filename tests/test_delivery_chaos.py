@@ -166,7 +166,7 @@ def test_aggregator_killed_mid_stream(mosquitto_factory, influxdb, model_dir, tm
     config_path = tmp_path / "aggregator.toml"
     config_path.write_text(
         f'data_dir = "{tmp_path / "agg"}"\n'
-        f'[mqtt]\nurl = "{broker.url}"\nclient_id = "{AGGREGATOR_ID}"\n'
+        f'[http]\nport = 0\n[mqtt]\nurl = "{broker.url}"\nclient_id = "{AGGREGATOR_ID}"\n'
         f'[influx]\nurl = "{influxdb.url}"\ndatabase = "{database}"\n'
     )
     first = AggregatorProcess(config_path, tmp_path / "aggregator-1.log")

@@ -86,14 +86,14 @@ def test_telemetry_lines_are_exactly_the_schema():
     chunk, n = encode_message(telemetry([[1.5, -2.0], [None, 3.25]], profile="pump"))
     assert n == 2
     assert chunk == (
-        b"telemetry,device=d1,profile=pump seq=7i,idx=0i,flags=0i,a=1.5,b=-2.0 1000000000\n"
-        b"telemetry,device=d1,profile=pump seq=7i,idx=1i,flags=1i,b=3.25 1000010000\n"
+        b"telemetry,device=d1,profile=pump seq=7i,idx=0i,flags=0i,a=1.5,b=-2.0 1000000000000\n"
+        b"telemetry,device=d1,profile=pump seq=7i,idx=1i,flags=1i,b=3.25 1000010000000\n"
     )
 
 
 def test_profile_tag_omitted_when_empty_and_all_none_reading_keeps_its_identity():
     (point,) = parse(encode_message(telemetry([[None, None]]))[0].decode())
-    assert point == ("telemetry", {"device": "d1"}, {"seq": 7, "idx": 0, "flags": 0}, 10**9)
+    assert point == ("telemetry", {"device": "d1"}, {"seq": 7, "idx": 0, "flags": 0}, 10**12)
 
 
 def test_repeat_encodes_byte_identical():
@@ -117,7 +117,7 @@ def test_telemetry_values_and_times_round_trip_exactly(rows, t0):
     assert len(points) == len(rows)
     for k, (measurement, tags, fields, ts) in enumerate(points):
         assert measurement == "telemetry" and tags == {"device": "d1"}
-        assert ts == round(m.readings[k].t * 1e6)
+        assert ts == round(m.readings[k].t * 1e6) * 1000  # µs, written in ns
         assert (fields.pop("seq"), fields.pop("idx"), fields.pop("flags")) == (7, k, k % 3)
         expected = {c: v for c, v in zip("xyz", rows[k]) if v is not None}
         assert fields == expected  # float equality: exact, not approximate
@@ -182,19 +182,19 @@ def test_other_kinds_follow_the_schema():
             "features",
             {"device": "d1", "profile": "p", "feature_set": "fs1"},
             {"seq": 1, "flags": 4, "mean_a": 0.5, "std_a": 2.0},
-            5_000_000,
+            5_000_000_000,
         ),
         (
             "inference",
             {"device": "d1", "model_version": "m-1.2", "role": "shadow"},
             {"score": -0.25, "anomaly": True, "latency_us": 12.5, "seq": 2},
-            5_000_000,
+            5_000_000_000,
         ),
         (
             "alerts",
             {"device": "d1", "rule": "too_hot", "severity": "critical"},
             {"value": 99.5, "message": "hot", "seq": 3},
-            5_000_000,
+            5_000_000_000,
         ),
         (
             "agent_health",
@@ -207,7 +207,7 @@ def test_other_kinds_follow_the_schema():
                 "agent_version": "0.1.0",
                 "model_version": "m-1.2",
             },
-            6_000_000,
+            6_000_000_000,
         ),
         (
             "agent_health",
@@ -219,7 +219,7 @@ def test_other_kinds_follow_the_schema():
                 "seq": 5,
                 "agent_version": "0",
             },
-            7_000_000,
+            7_000_000_000,
         ),
     ]
 
@@ -300,3 +300,20 @@ def test_unrepresentable_messages_are_refused_by_index_and_the_rest_encoded():
     assert batch.indices() == [0, 7]
     assert batch.body() == batch.chunks[0] * 2
     assert batch.body([7]) == batch.chunks[7] and batch.line_counts[1] == 0
+
+
+def test_adjusted_readings_take_their_nanosecond_time_and_the_flag():
+    """The time guard's rewrite: only the named readings move, in ns, with FLAG_TIME_ADJUSTED."""
+    from aggregator.stores.base import FLAG_TIME_ADJUSTED
+
+    for rows in ([[1.5, -2.0], [0.5, 3.25], [1.0, 2.0]], [[1.5, None], [None, 3.25], [1.0, 2.0]]):
+        m = telemetry(rows)
+        plain = parse(encode_message(m)[0].decode())
+        moved = parse(encode_message(m, adjusted={1: 1_000_010_000_007})[0].decode())
+        assert [p[3] for p in moved] == [1_000_000_000_000, 1_000_010_000_007, 1_000_020_000_000]
+        assert moved[1][2]["flags"] == plain[1][2]["flags"] | FLAG_TIME_ADJUSTED
+        assert [p for k, p in enumerate(moved) if k != 1] == [
+            p for k, p in enumerate(plain) if k != 1
+        ]
+        given_times = encode_message(m, times_us=[round(r.t * 1e6) for r in m.readings])
+        assert given_times == encode_message(m)

@@ -23,12 +23,15 @@ import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.stores import InfluxStore, SQLiteStore, Store, StoreError, StoreUnavailable
+from aggregator.stores import InfluxStore, Retention, SQLiteStore, Store, StoreError
+from aggregator.stores import StoreUnavailable
 from aggregator.stores.lineproto import encode_batch
 from edgeloop.wire import Alert, Features, Inference, Reading, Status, Telemetry
 from tests.services import InfluxServer
 
 KINDS = ("telemetry", "features", "inference", "alert", "status")
+#: The test data is from 2023: keep it, whatever the default retention.
+KEEP = Retention(raw_duration="INF", long_duration="INF")
 
 
 class SQLiteBackend:
@@ -72,7 +75,7 @@ class InfluxBackend:
         self.database = server.new_database("store")
 
     def make(self, **kw) -> Store:
-        return InfluxStore(self.server.url, self.database, **kw)
+        return InfluxStore(self.server.url, self.database, **{"retention": KEEP, **kw})
 
     def exists(self) -> bool:
         result = self.server.query(None, "SHOW DATABASES")["results"][0]
@@ -390,7 +393,7 @@ def influx_db(influxdb):
 def test_field_type_conflict_rejects_only_the_conflicting_messages(influxdb, influx_db):
     """A real 1.6.7 partial write: it stores the good points and answers 400 ``partial write``."""
     t0 = 1_700_000_000.0
-    with InfluxStore(influxdb.url, influx_db) as store:
+    with InfluxStore(influxdb.url, influx_db, retention=KEEP) as store:
         assert store.write([telemetry("d1", 1, t0, n=5, channels=("temp",))]).rejected == []
         influxdb.write(
             influx_db,
@@ -398,7 +401,7 @@ def test_field_type_conflict_rejects_only_the_conflicting_messages(influxdb, inf
             precision="u",
         )
         # Field types are per shard (7 days here): the conflict needs a time in the same shard.
-        probe = f"telemetry,device=d9 pressure=1.5 {round(t0 * 1e6)}\n".encode()
+        probe = f"telemetry,device=d9 pressure=1.5 {round(t0 * 1e6) * 1000}\n".encode()
         status, reason = store._post_lines(probe)
         assert status == 400 and "field type conflict" in reason  # pressure is an integer now
         answers = []  # every (status, reason) the server gave, to see the partial write happen
@@ -425,7 +428,7 @@ def test_field_type_conflict_rejects_only_the_conflicting_messages(influxdb, inf
 def test_unavailable_while_down_then_the_same_batch_succeeds(influxdb_factory):
     database = influxdb_factory.new_database()
     batch = mixed_batch("d1")
-    with InfluxStore(influxdb_factory.url, database, timeout_s=5) as store:
+    with InfluxStore(influxdb_factory.url, database, timeout_s=5, retention=KEEP) as store:
         influxdb_factory.stop()
         with pytest.raises(StoreUnavailable, match="unreachable"):
             store.write(batch)
@@ -449,7 +452,8 @@ def test_gzip_bodies_large_results_and_a_dropped_database(influxdb, influx_db):
         telemetry("d1", seq, 1_700_000_000.0 + 10 * seq, n=1000, channels=("a", "b"))
         for seq in range(12)
     ]
-    with InfluxStore(influxdb.url, influx_db, gzip_min_bytes=1) as store:  # Content-Encoding: gzip
+    gzipped = InfluxStore(influxdb.url, influx_db, gzip_min_bytes=1, retention=KEEP)
+    with gzipped as store:  # Content-Encoding: gzip
         assert store.write(batch).rejected == []
         # 12,000 rows come back as two chunks of at most 10,000
         assert stored_rows(store, "d1") == expected_rows(batch)
@@ -498,7 +502,8 @@ def test_missing_rights_and_bad_credentials_are_plain_store_errors(influxdb, tmp
             InfluxStore(server.url, "fresh", username="writer", password="wrong").open()
         admin('CREATE DATABASE "granted"')
         admin('GRANT ALL ON "granted" TO "writer"')
-        with InfluxStore(server.url, "granted", username="writer", password="writer-pw") as store:
+        writer = {"username": "writer", "password": "writer-pw", "retention": KEEP}
+        with InfluxStore(server.url, "granted", **writer) as store:
             assert store.write(mixed_batch("d1")).rejected == []
             assert store.count("telemetry") == 100
 
@@ -577,7 +582,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
 
 def test_v2_writes_go_through_the_v2_api_and_reads_through_influxql():
     """No InfluxDB 2.x server can run here: this checks the requests against the documented
-    contract (POST /api/v2/write?org=&bucket=&precision=us, Token auth, line protocol, 204)."""
+    contract (POST /api/v2/write?org=&bucket=&precision=ns, Token auth, line protocol, 204)."""
     with (
         StandIn() as server,
         InfluxStore(server.url, "telemetry_bucket", token="tok", org="acme") as store,
@@ -592,7 +597,7 @@ def test_v2_writes_go_through_the_v2_api_and_reads_through_influxql():
         method, _, query, headers, body = writes[0]
         assert (method, query) == (
             "POST",
-            {"org": "acme", "bucket": "telemetry_bucket", "precision": "us"},
+            {"org": "acme", "bucket": "telemetry_bucket", "precision": "ns"},
         )
         assert headers["Authorization"] == "Token tok" and headers["Content-Type"].startswith(
             "text/plain"

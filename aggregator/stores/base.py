@@ -10,6 +10,12 @@ Contract (tests/test_store_contract.py runs it against every store that can run 
 * A message the server refuses on its own merits is reported in ``WriteOutcome.rejected`` with
   the server's reason; everything else in the batch is stored. Nothing is dropped silently.
 * ``StoreUnavailable`` means "nothing is known to be stored, try the whole batch again later".
+* A device clock that steps back never makes a new reading replace a stored one: every
+  (device, seq, idx) stays stored once, with its own values (docs/storage.md, "Time"). A store
+  that had to move a reading's stored time to keep it sets ``FLAG_TIME_ADJUSTED`` in its flags.
+* Reads (``series``, ``latest``, ``fleet_aggregates``, ``anomaly_counts``, ``alert_counts``)
+  check their arguments with ``queries`` (ValueError naming the parameter) and answer the same
+  on every store. Times are seconds since the epoch, ranges ``[start, end)``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,20 @@ from typing import Sequence
 
 from edgeloop.wire import DeviceMessage
 
-__all__ = ["StoreError", "StoreUnavailable", "WriteOutcome", "TelemetryRow", "Store"]
+__all__ = [
+    "FLAG_TIME_ADJUSTED",
+    "StoreError",
+    "StoreUnavailable",
+    "WriteOutcome",
+    "TelemetryRow",
+    "Store",
+]
+
+#: Bit the store sets in a telemetry reading's ``flags`` when it stored the reading a few
+#: nanoseconds after its device time, because another reading of the same device already held
+#: that time (a device clock stepped back). The same bit as ``edge_agent.quality.TIME_ADJUSTED``:
+#: devices set only bits below 256.
+FLAG_TIME_ADJUSTED = 1 << 8
 
 
 class StoreError(Exception):
@@ -73,6 +92,47 @@ class Store(ABC):
     @abstractmethod
     def anomaly_count(self, device: str | None = None) -> int:
         """Stored champion inference rows flagged as anomalies."""
+
+    # -- queries for the API and dashboard (arguments checked by ``queries``) --------------------
+
+    @abstractmethod
+    def series(
+        self,
+        device: str,
+        field: str,
+        start: float,
+        end: float,
+        every_s: float = 60.0,
+        agg: str = "mean",
+    ) -> list[tuple[float, float]]:
+        """Channel ``field`` of ``device`` in [start, end), downsampled: one (t, value) per
+        interval of ``every_s`` seconds that holds values, ``t`` the interval's start (intervals
+        aligned to multiples of ``every_s`` since the epoch), ``agg`` one of mean, min, max."""
+
+    @abstractmethod
+    def latest(self, device: str) -> dict:
+        """The newest telemetry reading of ``device`` by device time: ``{"time", "seq", "idx",
+        "flags", "values"}`` (values without the channels it had no value for); ``{}`` if none."""
+
+    @abstractmethod
+    def fleet_aggregates(
+        self, profile: str, field: str, start: float | None = None, end: float | None = None
+    ) -> dict:
+        """``{"mean", "min", "max", "count"}`` of channel ``field`` over every reading of the
+        devices of ``profile`` ("" = devices without one) in [start, end); None/0 if none."""
+
+    @abstractmethod
+    def anomaly_counts(
+        self, start: float | None = None, end: float | None = None
+    ) -> dict[str, int]:
+        """Champion anomalies per device whose window ended in [start, end) (devices with none
+        are left out)."""
+
+    @abstractmethod
+    def alert_counts(
+        self, start: float | None = None, end: float | None = None
+    ) -> dict[str, dict[str, int]]:
+        """Alerts per device and severity whose window ended in [start, end)."""
 
     def close(self) -> None:
         """Release connections; the default has nothing to release."""

@@ -1,6 +1,6 @@
 """InfluxDB store: line protocol in, InfluxQL out, for every InfluxDB generation.
 
-Writes go to ``/write?precision=u`` on 1.x and through influxdb-client's synchronous v2 write API
+Writes go to ``/write?precision=ns`` on 1.x and through influxdb-client's synchronous v2 write API
 on 2.x, 3.x and Cloud (``open()`` reads the generation from ``/ping``). Reads use InfluxQL over
 ``/query``, which every generation serves, with WHERE values bound through ``params`` and
 identifiers only from a fixed whitelist, double-quoted.
@@ -12,12 +12,18 @@ batch, re-writing halves until each refused message stands alone, and reports it
 server's reason. "Rejected" means "not wholly stored": a telemetry message may have some of its
 points stored (the ones the server did not refuse). A 1.x 204 means the points are in the
 fsync'ed write-ahead log (``wal-fsync-delay`` 0, the default).
+
+Before encoding, the time guard (``timeguard``) plans every telemetry reading's stored time so that
+a device clock that steps back never replaces a stored reading. On 1.x ``open()`` also sets up the
+retention policies and the downsampling continuous query (``retention``). The read queries the
+API needs live in ``influx_queries``.
 """
 
 from __future__ import annotations
 
 import gzip
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -27,15 +33,16 @@ import urllib3
 
 from edgeloop.wire import DeviceMessage
 
-from .base import Store, StoreError, StoreUnavailable, TelemetryRow, WriteOutcome
-from .lineproto import MEASUREMENTS, EncodedBatch, encode_batch
+from .base import Store, StoreError, StoreUnavailable, WriteOutcome
+from .influx_queries import InfluxQueries
+from .lineproto import EncodedBatch, encode_batch
+from .retention import Retention, apply_v1
+from .timeguard import TimeGuard
 
 __all__ = ["InfluxStore", "DATABASE_PATTERN"]
 
 DATABASE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
 _DATABASE_RE = re.compile(DATABASE_PATTERN)
-#: Columns of the telemetry measurement that are not channels.
-_TELEMETRY_META = frozenset({"time", "device", "profile", "seq", "idx", "flags"})
 #: HTTP statuses that refuse (part of) a body on its merits: bisect to find the culprits.
 _REFUSED = frozenset({400, 413, 422})
 _decode_json = msgspec.json.Decoder().decode
@@ -60,7 +67,7 @@ def _generation(version: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class InfluxStore(Store):
+class InfluxStore(InfluxQueries, Store):
     """Store into InfluxDB ``database`` (a bucket on 2.x/3.x/Cloud) at ``url``.
 
     Auth: ``username``/``password`` (1.x, sent as basic auth) or ``token`` (sent as
@@ -68,7 +75,8 @@ class InfluxStore(Store):
     ``gzip_min_bytes`` are sent gzip-compressed (None: never). "auto" compresses bodies from 64 KiB
     up unless the server is on loopback, where compressing only costs (1.6.7 over loopback,
     8-channel readings: gzip level 1 took steady-state writes from ~110k to ~90k readings/s).
-    Batches go out in requests of at most ``max_lines`` lines (whole messages).
+    Batches go out in requests of at most ``max_lines`` lines (whole messages). ``retention``:
+    the retention policies and downsampling set up on 1.x (None: leave the database as it is).
     """
 
     name = "influxdb"
@@ -87,6 +95,7 @@ class InfluxStore(Store):
         gzip_min_bytes: int | None | str = "auto",
         max_lines: int = 5000,
         pool_size: int = 4,
+        retention: Retention | None = Retention(),
     ) -> None:
         if not _DATABASE_RE.fullmatch(database or ""):  # fullmatch: "$" allows a final "\n"
             raise ValueError(f"invalid database name {database!r}: must match {DATABASE_PATTERN}")
@@ -120,6 +129,9 @@ class InfluxStore(Store):
         )
         self._v2_client: Any = None
         self._v2_write: Any = None
+        self.retention = retention
+        self.guard = TimeGuard(self._stored_points)
+        self._write_lock = threading.Lock()
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -142,7 +154,7 @@ class InfluxStore(Store):
         if self._gzip_min is not None and len(body) >= self._gzip_min:
             body = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
-        fields = {"db": self.database, "precision": "u"}
+        fields = {"db": self.database, "precision": "ns"}
         resp = self._request("POST", "/write?" + urlencode(fields), body=body, headers=headers)
         return resp.status, ("" if resp.status == 204 else _reason(resp.data, resp.status))
 
@@ -152,7 +164,7 @@ class InfluxStore(Store):
 
         try:
             self._v2_write.write(
-                bucket=self.database, org=self.org, record=body, write_precision="us"
+                bucket=self.database, org=self.org, record=body, write_precision="ns"
             )
         except ApiException as exc:
             status = exc.status or 0
@@ -174,8 +186,11 @@ class InfluxStore(Store):
         self.generation = generation
         if generation == 1:
             self._create_database_v1()
+            if self.retention is not None:
+                apply_v1(self, self.retention)
         else:
             self._open_v2()
+        self.guard.seed(self._newest_times())
 
     def _create_database_v1(self) -> None:
         resp = self._request("POST", "/query", fields={"q": f'CREATE DATABASE "{self.database}"'})
@@ -257,8 +272,15 @@ class InfluxStore(Store):
     def write(self, messages: Sequence[DeviceMessage]) -> WriteOutcome:
         if self.generation is None:
             raise StoreError("InfluxStore.write called before open()")
-        batch = encode_batch(messages)
-        rejected = list(batch.rejected)
+        with self._write_lock:  # the guard's plan holds until its points are written
+            plan = self.guard.plan(messages)
+            batch = encode_batch(messages, plan.times_us, plan.adjusted)
+            for i, _ in plan.rejected:
+                batch.chunks[i], batch.line_counts[i] = None, 0
+            return self._write_batch(batch, plan.rejected)
+
+    def _write_batch(self, batch: EncodedBatch, refused: list[tuple[int, str]]) -> WriteOutcome:
+        rejected = list(batch.rejected) + refused
         group: list[int] = []
         lines = 0
         for i in batch.indices():
@@ -277,6 +299,8 @@ class InfluxStore(Store):
         status, reason = post(batch.body(indices))
         if status == 404 and self.generation == 1 and "database not found" in reason:
             self._create_database_v1()  # dropped under us: recreate once, then write again
+            if self.retention is not None:
+                apply_v1(self, self.retention)
             status, reason = post(batch.body(indices))
         if status in (200, 204):
             return []
@@ -296,13 +320,23 @@ class InfluxStore(Store):
         errors = [r["error"] for r in doc.get("results", []) if "error" in r]
         return "; ".join(errors) or str(doc.get("error", ""))
 
-    def query(self, influxql: str, params: dict | None = None) -> Iterator[dict]:
+    def run(self, statement: str) -> str:
+        """Run one InfluxQL statement that changes the database (POST); its error, or ""."""
+        resp = self._request("POST", "/query", fields={"db": self.database, "q": statement})
+        if resp.status == 200:
+            return self._statement_errors(resp.data)
+        return _reason(resp.data, resp.status)
+
+    def query(
+        self, influxql: str, params: dict | None = None, epoch: str = "u"
+    ) -> Iterator[dict]:
         """Run one InfluxQL statement and yield its series chunks (``columns``/``values``).
 
         Results are streamed in chunks of 10,000 rows, so large reads never build one big JSON
         document. Only pass values through ``params``; ``influxql`` must hold no caller data.
+        Times come back in ``epoch`` units (``u``: microseconds, truncated; ``ns``).
         """
-        fields = {"db": self.database, "q": influxql, "epoch": "u", "chunked": "true",
+        fields = {"db": self.database, "q": influxql, "epoch": epoch, "chunked": "true",
                   "chunk_size": "10000"}
         if params:
             fields["params"] = msgspec.json.encode(params).decode()
@@ -334,47 +368,3 @@ class InfluxStore(Store):
                 if "error" in result:
                     raise StoreError(f"InfluxQL error: {result['error']}")
                 yield from result.get("series", [])
-
-    def telemetry(
-        self, device: str, start: float | None = None, end: float | None = None
-    ) -> list[TelemetryRow]:
-        where, params = ['"device" = $device'], {"device": device}
-        if start is not None:  # a bare number is nanoseconds to InfluxQL
-            where.append("time >= $start")
-            params["start"] = round(start * 1e6) * 1000
-        if end is not None:
-            where.append("time < $end")
-            params["end"] = round(end * 1e6) * 1000
-        rows: list[TelemetryRow] = []
-        for series in self.query(f'SELECT * FROM "telemetry" WHERE {" AND ".join(where)}', params):
-            cols = series["columns"]
-            pos = {c: k for k, c in enumerate(cols)}
-            it, iseq, iidx, iflags = pos["time"], pos["seq"], pos["idx"], pos["flags"]
-            channels = [(c, k) for k, c in enumerate(cols) if c not in _TELEMETRY_META]
-            for v in series.get("values") or []:
-                values = {c: float(v[k]) for c, k in channels if v[k] is not None}
-                flags = v[iflags] or 0
-                rows.append(TelemetryRow(device, v[iseq], v[iidx], v[it] / 1e6, values, flags))
-        return rows
-
-    def _count(self, measurement: str, field: str, where: list[str], params: dict) -> int:
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        total = 0
-        for series in self.query(f'SELECT COUNT("{field}") FROM "{measurement}"{clause}', params):
-            for row in series.get("values") or []:
-                total += int(row[1] or 0)
-        return total
-
-    def count(self, kind: str, device: str | None = None) -> int:
-        if kind not in MEASUREMENTS:
-            raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(MEASUREMENTS)}")
-        where, params = (['"device" = $device'], {"device": device}) if device else ([], {})
-        return self._count(MEASUREMENTS[kind], "seq", where, params)
-
-    def anomaly_count(self, device: str | None = None) -> int:
-        where = ['"role" = $role', '"anomaly" = true']
-        params: dict[str, Any] = {"role": "champion"}
-        if device:
-            where.append('"device" = $device')
-            params["device"] = device
-        return self._count("inference", "score", where, params)

@@ -1,8 +1,11 @@
 """Encode wire messages as InfluxDB line protocol, one byte chunk per message.
 
-The schema (shared with the SQLite store, see ``aggregator/stores/__init__.py``): times are the
-device's, in integer microseconds (``round(t * 1e6)``, write precision ``u``), so the same message
-always encodes to the same bytes and a repeat overwrites its own points identically.
+The schema (shared with the SQLite store, see docs/storage.md): times are the device's, rounded
+to whole microseconds and written in nanoseconds (``round(t * 1e6) * 1000``, write precision
+``ns``), so the same message always encodes to the same bytes and a repeat overwrites its own
+points identically. The three digits below the microsecond are free for the time guard
+(``timeguard``): a telemetry reading whose (series, time) another reading already holds is
+written a few nanoseconds later, with ``FLAG_TIME_ADJUSTED`` set in its flags (``adjusted``).
 
     telemetry     tags device, profile   fields <channel>=float (None omitted), seq, idx, flags
     features      tags device, profile, feature_set   fields <feature>=float, seq, flags
@@ -30,6 +33,8 @@ from functools import lru_cache
 import msgspec
 
 from edgeloop.wire import Alert, DeviceMessage, Features, Inference, Status, Telemetry
+
+from .base import FLAG_TIME_ADJUSTED
 
 __all__ = ["EncodedBatch", "LineProtocolError", "encode_batch", "encode_message", "MEASUREMENTS"]
 
@@ -93,10 +98,25 @@ def _profile(m: DeviceMessage) -> str:
     return f",profile={_ident(m.profile)}" if m.profile else ""
 
 
-def _telemetry(m: Telemetry) -> tuple[str, int]:
+def _telemetry(
+    m: Telemetry, times_us: list[int] | None = None, adjusted: dict[int, int] | None = None
+) -> tuple[str, int]:
+    """Lines for ``m``; ``times_us`` the readings' times if already known, ``adjusted`` maps a
+    reading index to the nanosecond time it must take instead (its flags get FLAG_TIME_ADJUSTED)."""
     head = f"telemetry,device={_ident(m.device)}{_profile(m)} seq={m.seq}i,idx="
     readings = m.readings
     width = len(m.channels)
+    if times_us is None:
+        times_us = [round(r.t * 1e6) for r in readings]
+    flags = [r.flags for r in readings]
+    if adjusted:  # rare: times in ns with some moved, " %d000" becomes " %d"
+        times: list[int] = [t * 1000 for t in times_us]
+        for i, t_ns in adjusted.items():
+            times[i] = t_ns
+            flags[i] |= FLAG_TIME_ADJUSTED
+        tail = " %d\n"
+    else:
+        times, tail = times_us, " %d000\n"
     # msgspec's C encoder spells every float in its shortest round-trip form, as repr() does but
     # ~4x faster; split its JSON into one string per value, row-major.
     text = _json([r.values for r in readings]).decode()
@@ -107,23 +127,20 @@ def _telemetry(m: Telemetry) -> tuple[str, int]:
             head.replace("%", "%%")
             + "%di,flags=%di"
             + "".join([f",{_ident(c)}=".replace("%", "%%") + "%s" for c in m.channels])
-            + " %d\n"
+            + tail
         )
         rows = zip(
-            range(len(readings)),
-            [r.flags for r in readings],
-            *[values[k::width] for k in range(width)],
-            [round(r.t * 1e6) for r in readings],
+            range(len(readings)), flags, *[values[k::width] for k in range(width)], times
         )
         return "".join(map(line.__mod__, rows)), len(readings)
     if nulls != sum([r.values.count(None) for r in readings]):  # NaN and inf encode as null too
         raise LineProtocolError(_nonfinite(m) or "non-finite value")
     keys = [f",{_ident(c)}=" for c in m.channels]
     out = []
-    for i, r in enumerate(readings):
+    for i in range(len(readings)):
         row = values[i * width : (i + 1) * width]
         fields = "".join([k + v for k, v in zip(keys, row) if v != "null"])
-        out.append(f"{head}{i}i,flags={r.flags}i{fields} {round(r.t * 1e6)}\n")
+        out.append(f"{head}{i}i,flags={flags[i]}i{fields}" + tail % times[i])
     return "".join(out), len(out)
 
 
@@ -131,7 +148,7 @@ def _features(m: Features) -> tuple[str, int]:
     fields = "".join([f",{_ident(n)}={v!r}" for n, v in zip(m.names, m.values)])
     return (
         f"features,device={_ident(m.device)}{_profile(m)},feature_set={_ident(m.feature_set)}"
-        f" seq={m.seq}i,flags={m.flags}i{fields} {round(m.window_end * 1e6)}\n"
+        f" seq={m.seq}i,flags={m.flags}i{fields} {round(m.window_end * 1e6)}000\n"
     ), 1
 
 
@@ -139,7 +156,7 @@ def _inference(m: Inference) -> tuple[str, int]:
     return (
         f"inference,device={_ident(m.device)}{_profile(m)},model_version={_ident(m.model_version)}"
         f",role={_ident(m.role)} score={float(m.score)!r},anomaly={_BOOL[bool(m.anomaly)]}"
-        f",latency_us={float(m.latency_us)!r},seq={m.seq}i {round(m.window_end * 1e6)}\n"
+        f",latency_us={float(m.latency_us)!r},seq={m.seq}i {round(m.window_end * 1e6)}000\n"
     ), 1
 
 
@@ -147,7 +164,7 @@ def _alert(m: Alert) -> tuple[str, int]:
     return (
         f"alerts,device={_ident(m.device)}{_profile(m)},rule={_ident(m.rule)}"
         f",severity={_ident(m.severity)} value={float(m.value)!r},message={_string(m.message)}"
-        f",seq={m.seq}i {round(m.window_end * 1e6)}\n"
+        f",seq={m.seq}i {round(m.window_end * 1e6)}000\n"
     ), 1
 
 
@@ -156,7 +173,7 @@ def _status(m: Status) -> tuple[str, int]:
     return (
         f"agent_health,device={_ident(m.device)}{_profile(m)} state={_string(m.state)}"
         f",outbox_depth={int(m.outbox_depth)}i,uptime_s={float(m.uptime_s)!r},seq={m.seq}i"
-        f",agent_version={_string(m.agent_version)}{model} {round(m.ts * 1e6)}\n"
+        f",agent_version={_string(m.agent_version)}{model} {round(m.ts * 1e6)}000\n"
     ), 1
 
 
@@ -197,13 +214,19 @@ def _check_finite(m: DeviceMessage, text: str) -> str:
     return text
 
 
-def encode_message(m: DeviceMessage) -> tuple[bytes, int]:
-    """One message's lines as UTF-8 bytes and their count; LineProtocolError if unrepresentable."""
+def encode_message(
+    m: DeviceMessage, times_us: list[int] | None = None, adjusted: dict[int, int] | None = None
+) -> tuple[bytes, int]:
+    """One message's lines as UTF-8 bytes and their count; LineProtocolError if unrepresentable.
+
+    ``times_us`` and ``adjusted`` apply to telemetry only (see ``_telemetry``)."""
     encoder = _ENCODERS.get(type(m))
     if encoder is None:
         raise LineProtocolError(f"not a device message: {type(m).__name__}")
-    text, n = encoder(m)
-    if type(m) is not Telemetry:  # telemetry checks itself
+    if type(m) is Telemetry:  # telemetry checks itself for non-finite values
+        text, n = _telemetry(m, times_us, adjusted)
+    else:
+        text, n = encoder(m)
         _check_finite(m, text)
     try:
         return text.encode(), n
@@ -211,14 +234,21 @@ def encode_message(m: DeviceMessage) -> tuple[bytes, int]:
         raise LineProtocolError(f"text is not valid UTF-8: {exc.reason}") from None
 
 
-def encode_batch(messages: Sequence[DeviceMessage]) -> EncodedBatch:
-    """Encode every message; unrepresentable ones land in ``rejected`` instead of the body."""
+def encode_batch(
+    messages: Sequence[DeviceMessage],
+    times_us: Sequence[list[int] | None] | None = None,
+    adjusted: dict[int, dict[int, int]] | None = None,
+) -> EncodedBatch:
+    """Encode every message; unrepresentable ones land in ``rejected`` instead of the body.
+
+    ``times_us[i]`` and ``adjusted[i]`` are passed on for message i (see ``encode_message``)."""
     chunks: list[bytes | None] = []
     counts: list[int] = []
     rejected: list[tuple[int, str]] = []
+    adjusted = adjusted or {}
     for i, m in enumerate(messages):
         try:
-            chunk, n = encode_message(m)
+            chunk, n = encode_message(m, times_us[i] if times_us else None, adjusted.get(i))
         except LineProtocolError as exc:
             chunk, n = None, 0
             rejected.append((i, f"unencodable: {exc}"))

@@ -9,7 +9,8 @@ device once ``write`` returns, and the device then forgets them; ``NORMAL`` woul
 crash of the process but could lose the last commits on a power cut, i.e. confirmed data.
 
 Idempotence: primary keys make a repeat replace its own rows with identical values:
-telemetry (device, seq, idx); features, inference and alerts (device, seq); agent_health
+telemetry (device, seq, idx), so a device clock that steps back never replaces another reading;
+features, inference and alerts (device, seq); agent_health
 (device, profile, time), the key InfluxDB gives that measurement.
 
 Retention (``retention_s``): rows whose device time is older than now - retention_s are deleted,
@@ -35,6 +36,7 @@ from edgeloop.wire import Alert, DeviceMessage, Features, Inference, Status, Tel
 
 from .base import Store, StoreError, StoreUnavailable, TelemetryRow, WriteOutcome
 from .lineproto import MEASUREMENTS
+from .sqlite_queries import SQLiteQueries
 
 __all__ = ["SQLiteStore"]
 
@@ -94,7 +96,7 @@ def _finite(values: Iterable[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteQueries, Store):
     """Store into the SQLite file at ``path`` (created with its schema on ``open``)."""
 
     name = "sqlite"
