@@ -1,15 +1,20 @@
 """Ingest: broker -> validate -> batched durable write -> MQTT ack -> delivery confirmation.
 
-Two threads. paho's network thread decodes each message through the wire contract (cheap, in
-C) and queues it with its message id. The writer thread gathers a batch and flushes it when it
-holds ``batch_lines`` readings, when ``ack_threshold`` messages wait for acknowledgement (the
-broker stops sending once its in-flight allowance is used, so a batch that waits for more
-would never fill), or when the oldest message has waited ``max_delay_s``.
+paho's network thread decodes each message through the wire contract (cheap, in C) and queues
+it with its message id. The writer thread gathers a batch and flushes it when it holds
+``batch_lines`` readings, when ``ack_threshold`` messages wait for acknowledgement (the broker
+stops sending once its in-flight allowance is used, so a batch that waits for more would never
+fill), or when the oldest message has waited ``max_delay_s``.
 
-A flush, in this order: quarantine the refused messages durably; write the good ones to the
-store (retrying with backoff while the store is down, acknowledging nothing meanwhile, which
-bounds memory at the broker's in-flight allowance); quarantine what the store refused; then
-acknowledge every message of the batch to the broker; then queue delivery confirmations.
+A flush, in this order: quarantine the refused messages durably; hand the good ones to a pool of
+``writes_in_flight`` store threads, which encode and write them (retrying with backoff while the
+store is down, acknowledging nothing meanwhile, which bounds memory at the broker's in-flight
+allowance). Writes overlap: InfluxDB's answer to one write is mostly fsync latency, during which
+the next batch is encoded and sent (measured in bench/, see BENCHMARKS.md). When the oldest write
+in flight has finished, the writer thread quarantines what the store refused, acknowledges every
+message of that batch to the broker, and queues delivery confirmations; batches complete strictly
+in arrival order, because brokers (the embedded one) disconnect a client that acknowledges out of
+order. Stores must therefore accept ``write`` from several threads (both stores here do).
 Acknowledging only after the durable write is what makes ingest at-least-once; writing
 identical points for a repeat is what makes it exactly-once in the store.
 """
@@ -20,6 +25,8 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from edgeloop import wire
@@ -43,9 +50,11 @@ class IngestStats:
     batches: int = 0
     store_retries: int = 0
     last_batch_s: float = 0.0
+    repeats_skipped: int = 0  # already stored (a re-send or redelivery): confirmed, not rewritten
+    shed: int = 0  # acknowledged and dropped while over ``max_waiting``: the device re-sends them
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     mid: int
     qos: int
@@ -54,6 +63,21 @@ class _Item:
     payload: bytes
     message: wire.DeviceMessage | None
     error: wire.WireError | None
+
+
+@dataclass(slots=True)
+class _Write:
+    """A batch whose store write is in flight."""
+
+    batch: list[_Item]
+    good: list[_Item]  # the batch minus what failed to decode (those are quarantined already)
+    written: list[_Item]  # good minus what this aggregator has stored already
+    bad: int
+    started: float
+    future: Future | None
+
+
+_WAKE = object()  # put in the inbox when a write completes, so the writer acknowledges at once
 
 
 class Ingest:
@@ -65,6 +89,10 @@ class Ingest:
         client_id: str = "edgeloop-aggregator",
         protocol: str = "auto",
         receive_maximum: int = 1000,
+        session_expiry_s: int = 300,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         quarantine: Quarantine,
         registry: Registry,
         share_group: str | None = "edgeloop",
@@ -72,6 +100,8 @@ class Ingest:
         max_delay_s: float = 0.05,
         ack_threshold: int = 500,
         confirm_interval_s: float = 1.0,
+        writes_in_flight: int = 4,
+        max_waiting: int | None = None,
     ) -> None:
         self.store = store
         # A stable client id with a persistent session: what the broker holds for us while we
@@ -82,6 +112,10 @@ class Ingest:
             protocol=protocol,
             max_inflight=1000,
             persistent_session=True,
+            session_expiry_s=session_expiry_s,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
             manual_ack=True,
             receive_maximum=receive_maximum,
             on_connect=self._on_connect,
@@ -93,6 +127,9 @@ class Ingest:
         self.batch_lines = batch_lines
         self.max_delay_s = max_delay_s
         self.ack_threshold = ack_threshold
+        self.writes_in_flight = max(1, writes_in_flight)
+        #: Messages held unacknowledged at most; past it new ones are shed (see _on_message).
+        self.max_waiting = max_waiting or 4 * receive_maximum
         self.confirmer = Confirmer(self._publish_confirm, confirm_interval_s)
         self.stats = IngestStats()
         self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -131,6 +168,13 @@ class Ingest:
             # Someone cleared a retained status (the documented way to forget a device): not data.
             self.link.ack(msg.mid, msg.qos)
             return
+        if self._inbox.qsize() >= self.max_waiting:
+            # Over our own bound (a broker may send past its in-flight allowance; Mosquitto 2.0.11
+            # did after a store outage): acknowledge and drop. Nothing is lost: the device hears no
+            # confirmation for it and re-sends it later.
+            self.link.ack(msg.mid, msg.qos)
+            self.stats.shed += 1
+            return
         try:
             decoded, error = wire.decode(msg.topic, msg.payload), None
         except wire.WireError as exc:
@@ -140,77 +184,130 @@ class Ingest:
     # -- writer thread -----------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        pool = ThreadPoolExecutor(self.writes_in_flight, thread_name_prefix="ingest-store")
+        try:
+            self._batch_loop(pool)
+        finally:
+            pool.shutdown(wait=True)
+
+    def _batch_loop(self, pool: ThreadPoolExecutor) -> None:
         batch: list[_Item] = []
+        pending: deque[_Write] = deque()  # writes in flight, oldest first: acks go in this order
         lines = 0
         oldest = 0.0
+        get = self._inbox.get
         while True:
             stopping = self._stop.is_set()
+            while pending and pending[0].future.done():
+                if not self._complete(pending, pool):
+                    return  # stopping while the store is down: nothing acked, the broker keeps it
             try:
-                item = self._inbox.get(timeout=0.01)
+                item = get(timeout=0.01)
             except queue.Empty:
                 item = None
-            if item is not None:
+            if item is not None and item is not _WAKE:  # _WAKE: a write finished, look again
                 if not batch:
                     oldest = time.monotonic()
                 batch.append(item)
-                if isinstance(item.message, wire.Telemetry):
-                    lines += len(item.message.readings)
-                else:
-                    lines += 1
+                message = item.message
+                lines += len(message.readings) if type(message) is wire.Telemetry else 1
             full = lines >= self.batch_lines or len(batch) >= self.ack_threshold
             late = batch and time.monotonic() - oldest >= self.max_delay_s
             if batch and (full or late or (stopping and item is None)):
+                while len(pending) >= self.writes_in_flight:
+                    wait([pending[0].future])
+                    if not self._complete(pending, pool):
+                        return
                 try:
-                    flushed = self._flush(batch)
+                    pending.append(self._submit(batch, pool))
                 except Exception:  # a bug must not silently stop ingest: keep the batch, retry
                     log.exception("flush failed; the batch stays unacknowledged and is retried")
                     self.stats.store_retries += 1
                     if self._stop.wait(1.0):
                         return
                     continue
-                if not flushed:
-                    return  # stopping while the store is down: nothing acked, the broker keeps it
                 batch, lines = [], 0
             if self.confirmer.due():
                 self.confirmer.flush()
                 self.registry.maybe_save()
             if stopping and item is None and not batch:
+                while pending:
+                    wait([pending[0].future])
+                    if not self._complete(pending, pool):
+                        return
                 self.confirmer.flush()
                 return
 
-    def _flush(self, batch: list[_Item]) -> bool:
-        started = time.monotonic()
+    def _submit(self, batch: list[_Item], pool: ThreadPoolExecutor) -> _Write:
+        """Quarantine the refused messages durably, then start the store write in the pool."""
         bad = [(i.topic, i.error.reason, i.error.detail, i.payload) for i in batch if i.error is not None]
-        good = [i for i in batch if i.message is not None]
+        good = [i for i in batch if i.message is not None] if bad else batch
         if bad:
             self.quarantine.add_many(bad)
-        outcome = self._write_with_retry([i.message for i in good])
+        has = self.registry.has_stored
+        written = [i for i in good if type(i.message) is wire.Status or not has(i.message.device, i.message.seq)]
+        self.stats.repeats_skipped += len(good) - len(written)
+        write = _Write(batch, good, written, len(bad), time.monotonic(), None)
+        write.future = self._start_write(pool, written)
+        return write
+
+    def _start_write(self, pool: ThreadPoolExecutor, good: list[_Item]) -> Future:
+        future = pool.submit(self._write_with_retry, [i.message for i in good])
+        future.add_done_callback(self._wake)  # the writer acknowledges at once, not at its next poll
+        return future
+
+    def _wake(self, _future: Future) -> None:
+        self._inbox.put(_WAKE)
+
+    def _complete(self, pending: deque[_Write], pool: ThreadPoolExecutor) -> bool:
+        """Finish the oldest write (done): quarantine what the store refused, acknowledge the
+        batch, queue confirmations. False when it gave up because ingest is stopping."""
+        write = pending[0]
+        try:
+            outcome = write.future.result()
+        except Exception:  # a bug must not silently stop ingest: keep the batch, retry
+            log.exception("store write failed; the batch stays unacknowledged and is retried")
+            self.stats.store_retries += 1
+            if self._stop.wait(1.0):
+                return False
+            write.future = self._start_write(pool, write.written)
+            return True
         if outcome is None:
             return False
-        refused = {index: reason for index, reason in outcome.rejected}
+        pending.popleft()
+        batch, good, written = write.batch, write.good, write.written
+        refused = {id(written[index]): reason for index, reason in outcome.rejected}
         if refused:
             self.quarantine.add_many(
-                (good[k].topic, "store-refused", reason, good[k].payload) for k, reason in refused.items()
+                (written[k].topic, "store-refused", reason, written[k].payload) for k, reason in outcome.rejected
             )
+        ack = self.link.ack
         for item in batch:
-            self.link.ack(item.mid, item.qos)
-        for k, item in enumerate(good):
+            ack(item.mid, item.qos)
+        stats = self.stats
+        observe, stored = self.registry.observe, self.confirmer.stored
+        readings = 0
+        for item in good:
             msg = item.message
-            if k in refused:
+            if refused and id(item) in refused:
                 # Durably held in the quarantine with the store's reason: confirmed as well, or the
-                # device would re-send a message no store will ever take until its age limit.
-                self.confirmer.stored(msg.device, msg.seq)
+                # device would re-send a message no store will ever take until its age limit; and
+                # accounted for, or the registry would count its number as lost.
+                observe(msg, item.received_at)
+                stored(msg.device, msg.seq)
                 continue
-            self.registry.observe(msg, item.received_at)
-            if not isinstance(msg, wire.Status):
-                self.confirmer.stored(msg.device, msg.seq)
-            self.stats.stored_messages += 1
-            if isinstance(msg, wire.Telemetry):
-                self.stats.stored_readings += len(msg.readings)
-        self.stats.received += len(batch)
-        self.stats.quarantined += len(bad) + len(refused)
-        self.stats.batches += 1
-        self.stats.last_batch_s = time.monotonic() - started
+            observe(msg, item.received_at)
+            kind = type(msg)
+            if kind is wire.Telemetry:
+                readings += len(msg.readings)
+            if kind is not wire.Status:
+                stored(msg.device, msg.seq)
+        stats.stored_messages += len(good) - len(refused)
+        stats.stored_readings += readings
+        stats.received += len(batch)
+        stats.quarantined += write.bad + len(refused)
+        stats.batches += 1
+        stats.last_batch_s = time.monotonic() - write.started
         return True
 
     def _write_with_retry(self, messages):

@@ -244,6 +244,19 @@ class Registry:
                 rec.last_step_s = msg.ts - rec.head_ts
             rec.head_seq, rec.head_ts = seq, msg.ts
 
+    def has_stored(self, device: str, seq: int) -> bool:
+        """Whether this aggregator has stored ``(device, seq)`` already (a re-send or redelivery).
+
+        Conservative: numbers folded into the settled counters answer False, so at worst a repeat
+        is written again (which the stores make harmless)."""
+        with self._lock:
+            rec = self._devices.get(device)
+            if rec is None or seq < rec.seq_base or not rec.stored:
+                return False
+            ranges = rec.stored
+            i = bisect.bisect_right(ranges, (seq, math.inf))
+            return bool(i) and ranges[i - 1][0] <= seq <= ranges[i - 1][1]
+
     @staticmethod
     def _insert(ranges: list[tuple[int, int]], seq: int) -> bool:
         """Add ``seq`` to sorted, disjoint, non-adjacent ``ranges``; False if already there."""

@@ -29,9 +29,16 @@ class MqttSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     client_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "edgeloop-aggregator-1"
     share_group: str | None = "edgeloop"  # "" or none when the broker lacks shared subscriptions
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 1000
+    #: How long the broker keeps this aggregator's session (and queues its share of a $share
+    #: group's traffic) while it is away: long enough for a restart, short enough that a member
+    #: gone for good stops taking a share (the devices' re-sends cover what it held).
+    session_expiry_s: Annotated[int, Meta(ge=0, le=7 * 86400)] = 300
     username: str | None = None
     password: str | None = None  # "env:NAME" or password_file
     password_file: str | None = None
+    ca_file: str | None = None  # the CA that signed the broker's certificate (mqtts://)
+    cert_file: str | None = None  # client certificate instead of a password
+    key_file: str | None = None
 
 
 class InfluxSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -136,6 +143,10 @@ class Aggregator:
             client_id=m.client_id,
             protocol=m.protocol,
             receive_maximum=m.receive_maximum,
+            session_expiry_s=m.session_expiry_s,
+            ca_file=m.ca_file,
+            cert_file=m.cert_file,
+            key_file=m.key_file,
             quarantine=self.quarantine,
             registry=self.registry,
             share_group=m.share_group or None,
@@ -200,6 +211,7 @@ protocol = "auto"                  # MQTT 5 where the broker has it, else 3.1.1
 client_id = "edgeloop-aggregator-1"  # stable: the broker keeps this session's messages across restarts
 share_group = "edgeloop"           # aggregators in one group split the devices' traffic
 receive_maximum = 1000             # unacknowledged messages the broker may send us
+session_expiry_s = 300             # the broker keeps our session this long while we restart
 # username = "aggregator"
 # password = "env:EDGELOOP_MQTT_PASSWORD"
 

@@ -88,6 +88,10 @@ class Outbox:
         # Sent but unconfirmed: seq -> monotonic time of the last send. Kept in memory only: after
         # a restart everything unconfirmed counts as unsent and is replayed in order.
         self._sent: dict[int, float] = {}
+        # Sends of each unconfirmed entry so far: every re-send of the same entry waits twice as
+        # long as the one before (up to 4 x resend_after_s), so an outage on the cloud side does not
+        # turn into a re-send storm, while what was lost is still re-sent within a minute or so.
+        self._attempts: dict[int, int] = {}
         self._cursor = -1  # highest seq handed out for a first send since the last replay
         #: Messages the drop policy removed, counted in memory (cheap to poll from any thread).
         self.dropped_total = self.dropped_count()
@@ -133,7 +137,10 @@ class Outbox:
         if limit <= 0:
             return []
         now = time.monotonic() if now is None else now
-        expired = sorted(s for s, at in self._sent.items() if now - at >= self.resend_after_s)[:limit]
+        base, attempts = self.resend_after_s, self._attempts
+        expired = sorted(
+            s for s, at in self._sent.items() if now - at >= base * (1 << min(attempts.get(s, 1) - 1, 2))
+        )[:limit]
         out = self._fetch(expired) if expired else []
         room = min(limit - len(out), self.max_unconfirmed - len(self._sent))
         if room > 0:
@@ -146,12 +153,14 @@ class Outbox:
 
     def mark_sent(self, seq: int, now: float | None = None) -> None:
         self._sent[seq] = time.monotonic() if now is None else now
+        self._attempts[seq] = self._attempts.get(seq, 0) + 1
         if seq > self._cursor:
             self._cursor = seq
 
     def replay(self) -> None:
         """After a reconnect: treat every unconfirmed entry as unsent, to resend in seq order."""
         self._sent.clear()
+        self._attempts.clear()  # a new connection: start the back-off afresh
         self._cursor = -1
 
     # -- confirming -----------------------------------------------------------------------------
@@ -168,6 +177,7 @@ class Outbox:
                 removed += self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
                 for seq in [s for s in self._sent if lo <= s <= hi]:
                     del self._sent[seq]
+                    self._attempts.pop(seq, None)
         self._bytes -= freed
         self._depth -= removed
         return removed
@@ -242,6 +252,7 @@ class Outbox:
                 )
         for seq, _, size in rows:
             self._sent.pop(seq, None)
+            self._attempts.pop(seq, None)
             self._bytes -= size
         self._depth -= len(rows)
         self.dropped_total += len(rows)

@@ -249,5 +249,15 @@ def demo(devices, duration, rate, seed, mqtt_url, influx_url, influx_database, i
     sys.exit(0 if ok else 1)
 
 
+def _register_devices_commands() -> None:
+    from edgeloop.cli_devices import broker_config, devices
+
+    main.add_command(devices)
+    main.add_command(broker_config)
+
+
+_register_devices_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

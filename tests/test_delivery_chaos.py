@@ -215,3 +215,83 @@ def test_device_connections_cut_mid_stream(mosquitto_factory, influxdb, model_di
     finally:
         aggregator.stop()
     _check_influx(influxdb, database, fleet, drained)
+
+
+def _aggregator_process(tmp_path: Path, name: str, broker, influxdb, database: str) -> AggregatorProcess:
+    config_path = tmp_path / f"{name}.toml"
+    config_path.write_text(
+        f'data_dir = "{tmp_path / name}"\n'
+        # A short session expiry: once the dead member's session expires, Mosquitto stops queueing
+        # a share of the group's traffic for it (in production the default is 300 s).
+        f'[http]\nport = 0\n[mqtt]\nurl = "{broker.url}"\nclient_id = "{name}"\nshare_group = "pair"\n'
+        'session_expiry_s = 5\n'
+        f'[influx]\nurl = "{influxdb.url}"\ndatabase = "{database}"\n'
+    )
+    return AggregatorProcess(config_path, tmp_path / f"{name}.log")
+
+
+def test_two_aggregators_split_the_traffic_and_one_dies_for_good(mosquitto_factory, influxdb, model_dir, tmp_path):
+    """Two members of one shared-subscription group both ingest; after kill -9 of one for good,
+    Mosquitto keeps queueing a share of the traffic for the dead member's session, and the
+    devices' re-sends of what stays unconfirmed are what gets it stored by the live member."""
+    broker = mosquitto_factory()
+    database = influxdb.new_database("pair")
+    first = _aggregator_process(tmp_path, "agg-a", broker, influxdb, database)
+    second = _aggregator_process(tmp_path, "agg-b", broker, influxdb, database)
+    try:
+        first.start()
+        second.start()
+        with _fleet(broker.url, tmp_path / "dev", model_dir) as fleet:
+            fleet.wait_connected()
+            _wait_for(lambda: _stored_readings(influxdb, database) > 0, 10, "the first stored readings")
+            time.sleep(2.0)
+            # Both members confirmed some of the devices' messages: each device heard from both.
+            first.kill()  # for good
+            stored_at_kill = _stored_readings(influxdb, database)
+            _wait_for(lambda: _stored_readings(influxdb, database) > stored_at_kill, 10,
+                      "the live member to go on storing")
+            time.sleep(1.0)
+            drained = fleet.stop()
+        assert second.stop() == 0, second.log()
+    finally:
+        first.kill()
+        second.kill()
+    _check_influx(influxdb, database, fleet, drained)
+    # Both members really took part: each one's log shows it stored batches.
+    for proc in (first, second):
+        assert "aggregator ingesting from" in proc.log()
+
+
+def test_influxdb_down_for_60_s(mosquitto_factory, influxdb_factory, model_dir, tmp_path):
+    """The store goes away for a minute: the aggregator stops acknowledging (holding no more than
+    the broker's in-flight allowance), the devices keep sampling into their outboxes, and when
+    the store is back everything is stored exactly once."""
+    from aggregator.service import Aggregator
+
+    broker = mosquitto_factory()
+    influx = influxdb_factory
+    database = influx.new_database("outage")
+    aggregator = Aggregator(_agg_config(broker, influx, database, tmp_path / "agg"))
+    aggregator.start()
+    waiting_max = 0
+    try:
+        with _fleet(broker.url, tmp_path / "dev", model_dir) as fleet:
+            fleet.wait_connected()
+            _wait_for(lambda: _stored_readings(influx, database) > 0, 10, "the first stored readings")
+            influx.stop()
+            deadline = time.monotonic() + 60.0
+            while time.monotonic() < deadline:
+                waiting_max = max(waiting_max, aggregator.ingest.diagnostics()["waiting"])
+                time.sleep(0.2)
+            retries = aggregator.ingest.stats.store_retries
+            influx.start()
+            stored_before = _stored_readings(influx, database)
+            _wait_for(lambda: _stored_readings(influx, database) > stored_before, 30, "storing to resume")
+            time.sleep(1.0)
+            drained = fleet.stop()
+    finally:
+        aggregator.stop()
+    assert retries > 0, "the aggregator never noticed the store was down"
+    # Memory stayed bounded by what the broker sends unacknowledged, not by the outage's length.
+    assert waiting_max <= aggregator.config.mqtt.receive_maximum
+    _check_influx(influx, database, fleet, drained)

@@ -160,3 +160,20 @@ def test_agent_splits_a_telemetry_batch_to_fit_the_broker(tmp_path):
     assert all(len(wire.encode(m)) <= 4096 for m in accepted)
     assert [r.values[0] for m in accepted for r in m.readings] == [float(i) for i in range(100)]
     assert [m.seq for m in accepted] == list(range(len(accepted)))
+
+
+def test_repeated_resends_back_off(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", resend_after_s=10.0)
+    ob.append("telemetry", _payload)
+    resent_at = []
+    now = 0.0
+    ob.mark_sent(0, now=now)
+    while now < 200:
+        now += 1.0
+        if ob.due(10, now=now):
+            resent_at.append(now)
+            ob.mark_sent(0, now=now)
+    # 10 s, then 20, then every 40 s after each previous send: the cloud is down, do not hammer it.
+    assert resent_at == [10.0, 30.0, 70.0, 110.0, 150.0, 190.0]
+    ob.replay()  # reconnected: start again at once, then at the base interval
+    assert [e.seq for e in ob.due(10, now=191.0)] == [0]
