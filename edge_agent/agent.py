@@ -82,8 +82,11 @@ class Agent:
         self.shadow = None  # a challenger scored on the same windows, reported with role "shadow"
         if model is None and config.model_dir:
             from edge_agent.inference import Model
+            from models import features
 
-            self.model = Model.load(config.model_dir)
+            # A model that expects other features than this agent computes is refused here.
+            self.model = Model.load(config.model_dir, feature_set=features.FEATURE_SET,
+                                    feature_names=features.feature_names(self.channels))
         self.on_accept = on_accept
         from edge_agent import quality
         from edge_agent.clock import ClockWatch

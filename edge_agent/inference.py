@@ -127,6 +127,7 @@ class Model:
         _check_signature(session, manifest)
         model = cls(session, manifest, (time.perf_counter() - started) * 1000)
         model._smoke_test()
+        _release_freed_memory()
         return model
 
     def score(self, features: np.ndarray | Sequence[float]) -> tuple[float, bool, float]:
@@ -172,6 +173,17 @@ def _read_dir(directory: Path) -> tuple[bytes, Manifest]:
         return (directory / MODEL_FILE).read_bytes(), manifest
     except OSError as exc:
         raise ModelError(f"cannot read {directory / MODEL_FILE}: {exc.strerror or exc}") from exc
+
+
+def _release_freed_memory() -> None:
+    """Building a session frees a lot of scratch memory that glibc keeps; hand it back (measured:
+    about 10 MB of RSS per model on this machine). A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:

@@ -24,6 +24,10 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _stop_on_signals() -> threading.Event:
+    import faulthandler
+
+    # `kill -USR1 PID` prints every thread's stack to stderr: what a stuck service is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -249,14 +253,17 @@ def demo(devices, duration, rate, seed, mqtt_url, influx_url, influx_database, i
     sys.exit(0 if ok else 1)
 
 
-def _register_devices_commands() -> None:
+def _register_commands() -> None:
+    """Command groups that live in their own modules (each imports its heavy parts lazily)."""
     from edgeloop.cli_devices import broker_config, devices
+    from edgeloop.cli_models import models
 
     main.add_command(devices)
     main.add_command(broker_config)
+    main.add_command(models)
 
 
-_register_devices_commands()
+_register_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,9 +73,14 @@ class Manifest(Struct, kw_only=True, forbid_unknown_fields=False):
     metrics: dict[str, float] = {}
     training_window: tuple[float, float] = (0.0, 0.0)
     schema: int = MANIFEST_SCHEMA
-    # Signature: reserved for the signing issue. It will hold a detached signature over
-    # ``signing_payload()`` (the manifest without this field, whose sha256 in turn pins
-    # model.onnx). Until then it stays None and nothing checks it.
+    # Seconds since the epoch after which the model should no longer be served; None = never.
+    expires: float | None = None
+    # Set only on a rollback entry: the version this manifest replaces (the champion being rolled
+    # back). It lies inside the signed payload, so an agent may accept an OLDER model only when
+    # the aggregator signed that very rollback (see models.signing.is_acceptable_version).
+    rollback_of: Version | None = None
+    # Detached Ed25519 signature over ``signing_payload()`` (the manifest without this field,
+    # whose sha256 in turn pins model.onnx): ``"ed25519:<base64>"``. See models.signing.
     signature: str | None = None
 
     def __post_init__(self) -> None:

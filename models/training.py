@@ -49,6 +49,9 @@ __all__ = [
 
 #: Opsets of the exported graphs: the default domain and ai.onnx.ml (TreeEnsembleRegressor v3).
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+#: The fused isolation forest uses ai.onnx.ml 5's TreeEnsemble (onnxruntime >= 1.20): a third of
+#: the bytes and a fraction of the session memory of opset 3's TreeEnsembleRegressor, same parity.
+FUSED_ML_OPSET = 5
 #: Rows drawn per tree. sklearn's "auto" (256) gives trees 8 levels deep: a window far outside
 #: the training range then scores about like the most extreme training windows (the forest
 #: saturates) and ~30 mostly unaffected features dilute it. 1024 rows (10 levels) raised the
@@ -86,7 +89,7 @@ def to_onnx(model: IsolationForest, n_features: int, *, converter: str = "fused"
     served ``label``.
     """
     if converter == "fused":
-        return to_fused_onnx(model, n_features, ml_opset=TARGET_OPSET["ai.onnx.ml"])
+        return to_fused_onnx(model, n_features, ml_opset=FUSED_ML_OPSET)
     if converter != "stock":
         raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
     proto = convert_sklearn(

@@ -115,7 +115,14 @@ def test_agent_killed_20_times_never_gaps_or_reuses_a_sequence_number(mosquitto,
         proc = agent()
         time.sleep(3.0)
         proc.send_signal(signal.SIGTERM)  # a clean stop drains the outbox for up to 5 s
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the CLI dumps every thread's stack on SIGUSR1
+            time.sleep(2)
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(f"the agent did not stop on SIGTERM; its stacks:\n{err.decode()[-6000:]}")
         assert proc.returncode in (0, -signal.SIGTERM), err.decode()[-2000:]
     finally:
         if proc.poll() is None:
