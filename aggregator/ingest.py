@@ -130,6 +130,8 @@ class Ingest:
         self.writes_in_flight = max(1, writes_in_flight)
         #: Messages held unacknowledged at most; past it new ones are shed (see _on_message).
         self.max_waiting = max_waiting or 4 * receive_maximum
+        #: How long paho's thread waits for room before shedding (well under the keep-alive).
+        self.block_s = 5.0
         self.confirmer = Confirmer(self._publish_confirm, confirm_interval_s)
         self.stats = IngestStats()
         self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -168,10 +170,10 @@ class Ingest:
             # Someone cleared a retained status (the documented way to forget a device): not data.
             self.link.ack(msg.mid, msg.qos)
             return
-        if self._inbox.qsize() >= self.max_waiting:
-            # Over our own bound (a broker may send past its in-flight allowance; Mosquitto 2.0.11
-            # did after a store outage): acknowledge and drop. Nothing is lost: the device hears no
-            # confirmation for it and re-sends it later.
+        if self._inbox.qsize() >= self.max_waiting and not self._room(self.block_s):
+            # Over our own bound for a while (a broker may send past its in-flight allowance:
+            # Mosquitto 2.0.11 did after a store outage): acknowledge and drop. Nothing is lost:
+            # the device hears no confirmation for it and re-sends it later.
             self.link.ack(msg.mid, msg.qos)
             self.stats.shed += 1
             return
@@ -180,6 +182,16 @@ class Ingest:
         except wire.WireError as exc:
             decoded, error = None, exc
         self._inbox.put(_Item(msg.mid, msg.qos, time.time(), msg.topic, msg.payload, decoded, error))
+
+    def _room(self, timeout: float) -> bool:
+        """Back-pressure: hold paho's thread (so it reads no more from the broker) until the
+        writer has made room, for at most ``timeout`` seconds (keep-alives must still go out)."""
+        deadline = time.monotonic() + timeout
+        while self._inbox.qsize() >= self.max_waiting:
+            if time.monotonic() >= deadline or self._stop.is_set():
+                return False
+            time.sleep(0.002)
+        return True
 
     # -- writer thread -----------------------------------------------------------------------------
 
