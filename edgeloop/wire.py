@@ -343,23 +343,21 @@ def decode(topic_name: str, payload: bytes) -> DeviceMessage:
 
 def decode_confirm(payload: bytes, topic_name: str | None = None) -> Confirm:
     """Decode a delivery confirmation; with ``topic_name``, also check it is for that topic's device."""
-    _check_size(payload)
-    message = _decode_checked(_confirm_decoder, payload)
-    if topic_name is not None:
-        where = parse_topic(topic_name)
-        if where.direction != "ctl" or where.kind != "confirm" or where.device != message.device:
-            raise WireError("device-mismatch", f"confirm for {message.device!r} on {topic_name[:200]!r}")
-    return message
+    return _decode_control("confirm", _confirm_decoder, payload, topic_name)
 
 
 def decode_config(payload: bytes, topic_name: str | None = None) -> DesiredConfig:
     """Decode a desired-config message; with ``topic_name``, also check it is for that device."""
+    return _decode_control("config", _config_decoder, payload, topic_name)
+
+
+def _decode_control(kind: str, decoder: msgspec.json.Decoder, payload: bytes, topic_name: str | None):
     _check_size(payload)
-    message = _decode_checked(_config_decoder, payload)
+    message = _decode_checked(decoder, payload)
     if topic_name is not None:
         where = parse_topic(topic_name)
-        if where.direction != "ctl" or where.kind != "config" or where.device != message.device:
-            raise WireError("device-mismatch", f"config for {message.device!r} on {topic_name[:200]!r}")
+        if where.direction != "ctl" or where.kind != kind or where.device != message.device:
+            raise WireError("device-mismatch", f"{kind} for {message.device!r} on {topic_name[:200]!r}")
     return message
 
 

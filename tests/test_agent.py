@@ -12,6 +12,7 @@ from edge_agent.config import AgentConfig, MqttSettings, SamplingSettings
 from edge_agent.remote_config import apply_settings
 from edgeloop import wire
 from edgeloop.mqtt import MqttLink
+from tests.waiting import poll as _wait
 
 
 def test_settings_apply_key_by_key():
@@ -25,15 +26,6 @@ def test_settings_apply_key_by_key():
     assert new.sampling.rate_hz == 20.0 and new.privacy and new.threshold == 0.2
     assert new.sampling.window_s == cfg.sampling.window_s  # the refused value did not apply
     assert cfg.sampling.rate_hz == 10.0  # the original is untouched
-
-
-def _wait(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.mosquitto

@@ -21,18 +21,10 @@ import pytest
 from edgeloop import wire
 from edgeloop.mqtt import MqttLink
 from tests.fleet import Fleet, train_model
+from tests.waiting import wait_until as _wait
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Observer:

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeloop import wire
 from edgeloop.cli import main
 from edgeloop.mqtt import MqttLink
+from tests.waiting import wait_until as _wait
 
 T0 = 1_767_225_600.0
 GOOD = 3  # telemetry messages of READINGS readings each
@@ -38,15 +39,6 @@ def _telemetry(device: str, seq: int) -> bytes:
     readings = [wire.Reading(T0 + seq + i / 10, [float(seq), float(i)], 0) for i in range(READINGS)]
     return wire.encode(wire.Telemetry(v=1, device=device, seq=seq, ts=T0 + seq, profile="machine",
                                       channels=["a", "b"], readings=readings))
-
-
-def _wait(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _get(url: str) -> tuple[int, str, bytes]:

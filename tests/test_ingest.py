@@ -10,6 +10,7 @@ import pytest
 
 from edgeloop import wire
 from edgeloop.mqtt import MqttLink
+from tests.waiting import poll as _wait
 
 T0 = 1_767_225_600.0
 
@@ -17,15 +18,6 @@ T0 = 1_767_225_600.0
 def _telemetry(device: str, seq: int, n: int = 3) -> bytes:
     readings = [wire.Reading(T0 + seq + i / 10, [float(seq), float(i)], 0) for i in range(n)]
     return wire.encode(wire.Telemetry(v=1, device=device, seq=seq, ts=T0 + seq, channels=["a", "b"], readings=readings))
-
-
-def _wait(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture

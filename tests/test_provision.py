@@ -32,17 +32,9 @@ from edgeloop import wire
 from edgeloop.cli_devices import broker_config, devices
 from edgeloop.mqtt import MqttError, MqttLink
 from tests.services import MosquittoServer, find_executable, free_port
+from tests.waiting import poll as _wait
 
 PROFILE = "machine"
-
-
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 class TlsMosquitto(MosquittoServer):
