@@ -8,12 +8,13 @@ APT_PACKAGES := mosquitto mosquitto-clients influxdb influxdb-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast system-deps bench clean help
+.PHONY: demo test test-fast chaos system-deps bench clean help
 
 help:
 	@echo "make demo   - create .venv, install, run a simulated fleet end to end (no servers needed)"
 	@echo "make test   - install Mosquitto + InfluxDB if missing, install Python deps, run the whole suite"
 	@echo "make bench  - run the benchmarks and rewrite BENCHMARKS.md"
+	@echo "make chaos  - run the failure tests (broker/aggregator/agent kills, outages) CHAOS_ROUNDS times"
 
 $(VENV)/.stamp-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,13 @@ test: system-deps $(VENV)/.stamp-dev
 
 test-fast: $(VENV)/.stamp-dev
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# The chaos tests also run in `make test`; this repeats them to shake out rare orderings.
+CHAOS_ROUNDS ?= 3
+chaos: system-deps $(VENV)/.stamp-dev
+	for i in $$(seq $(CHAOS_ROUNDS)); do \
+	  EDGELOOP_REQUIRE_SERVICES=1 $(PY) -m pytest -n 2 -q tests/test_delivery_chaos.py tests/test_agent_chaos.py || exit 1; \
+	done
 
 bench: system-deps $(VENV)/.stamp-dev
 	$(PY) -m bench
