@@ -37,6 +37,7 @@ class DemoOptions:
     data_dir: str | None = None
     window_s: float = 5.0
     drain_timeout_s: float = 120.0
+    http_port: int = 0  # the aggregator's API while the demo runs (0: any free port)
     quiet: bool = False
 
 
@@ -82,7 +83,7 @@ def run_demo(options: DemoOptions) -> bool:
 
 
 def run_fleet(options: DemoOptions, console=None) -> DemoResult:
-    from aggregator.service import Aggregator, AggregatorConfig, InfluxSettings, MqttSettings
+    from aggregator.service import Aggregator, AggregatorConfig, HttpSettings, InfluxSettings, MqttSettings
     from edge_agent.agent import Agent
     from edge_agent.config import AgentConfig, SamplingSettings, SourceSettings
     from edge_agent.inference import Model
@@ -126,11 +127,14 @@ def run_fleet(options: DemoOptions, console=None) -> DemoResult:
                 receive_maximum=capabilities.receive_maximum if capabilities else 1000,
             ),
             influx=InfluxSettings(url=options.influx_url, database=options.influx_database, org=options.influx_org),
+            http=HttpSettings(port=options.http_port),
         )
         aggregator = Aggregator(agg_cfg)
         aggregator.start()
         stack.callback(aggregator.stop, forget_session=True)
         say(f"aggregator storing into {aggregator.store.name}")
+        api = f"http://127.0.0.1:{aggregator.http_port}"
+        say(f"fleet while it runs: {api}/api/fleet  (or `edgeloop fleet --api {api}`), metrics: {api}/metrics")
 
         devices = [f"machine-{run_id}-{k + 1:02d}" for k in range(options.devices)]
         agents: list[Agent] = []

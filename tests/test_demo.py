@@ -37,6 +37,7 @@ def test_demo_on_embedded_defaults(tmp_path):
     assert rows["readings sent"] >= 3 * 70
     assert rows["readings stored"] == rows["readings sent"]
     assert rows["messages still undelivered"] == 0
+    assert "/api/fleet" in result.stdout  # where to watch the fleet while it runs
     # State went to the data directory given, nowhere near the installed package.
     assert list((tmp_path / "demo").glob("*/aggregator/store.sqlite"))
 
