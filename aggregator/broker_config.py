@@ -20,12 +20,12 @@ import datetime as _dt
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeloop.files import write_atomic
 from edgeloop.wire import TOPIC_ROOT
 
 __all__ = [
@@ -268,16 +268,4 @@ def make_server_cert(ca_key_pem: bytes, ca_cert_pem: bytes, hosts: Sequence[str]
 
 def write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     """Write atomically with ``mode`` from the first byte (never briefly world-readable)."""
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode)

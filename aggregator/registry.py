@@ -33,7 +33,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 import msgspec
 
 from edgeloop import wire
+from edgeloop.files import write_atomic
 
 __all__ = ["DeviceRecord", "Registry", "SeqAccount"]
 
@@ -423,9 +423,7 @@ class Registry:
             self._dirty = False
         self._saved_at = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, data, 0o644)
 
     def as_json(self) -> str:
         return json.dumps([msgspec.to_builtins(r) for r in self.devices()])

@@ -225,7 +225,7 @@ def _tree_ensemble_v5(forest: FusedForest, weights, base, x: str, y: str) -> onn
     starts = np.flatnonzero(forest.node == 0)
     interior_pos = np.cumsum(~leaf) - 1
     leaf_pos = np.cumsum(leaf) - 1
-    roots, nodes_idx = [], []
+    roots = []
     extra_feat, extra_split, extra_true, extra_false = [], [], [], []
     n_interior = int((~leaf).sum())
     for t, s in enumerate(starts):

@@ -13,15 +13,15 @@ Only msgspec and the standard library are used here, so the agent can import thi
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
+
+from edgeloop.files import write_atomic  # re-exported: training and the model registry use it
 
 __all__ = [
     "MANIFEST_SCHEMA",
@@ -143,17 +143,3 @@ def save_manifest(path: str | os.PathLike, manifest: Manifest) -> Path:
     write_atomic(p, manifest.to_json())
     return p
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temp file in the same directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

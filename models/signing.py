@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from edgeloop.files import write_atomic
 from models.manifest import Manifest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,8 +95,8 @@ def generate_keypair(data_dir: str | os.PathLike, *, overwrite: bool = False) ->
     pub = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write(priv_path, pem, 0o600)
-    _write(pub_path, pub, 0o644)
+    write_atomic(priv_path, pem, 0o600)
+    write_atomic(pub_path, pub, 0o644)
     return priv_path, pub_path
 
 
@@ -244,18 +245,3 @@ def is_acceptable_version(current: str | None, candidate: Manifest) -> tuple[boo
         f"{candidate.version} is not newer than {current}; an older model is accepted only as a "
         "signed rollback"
     )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # the umask filters O_CREAT's mode
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
