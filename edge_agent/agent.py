@@ -25,8 +25,12 @@ import numpy as np
 
 from edgeloop import wire
 from edgeloop.mqtt import MqttLink, parse_mqtt_url
+from edge_agent import quality
+from edge_agent.clock import ClockWatch
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
+from edge_agent.rules import Rules
+from models import features
 
 __all__ = ["Agent", "AgentStats"]
 
@@ -82,16 +86,11 @@ class Agent:
         self.shadow = None  # a challenger scored on the same windows, reported with role "shadow"
         if model is None and config.model_dir:
             from edge_agent.inference import Model
-            from models import features
 
             # A model that expects other features than this agent computes is refused here.
             self.model = Model.load(config.model_dir, feature_set=features.FEATURE_SET,
                                     feature_names=features.feature_names(self.channels))
         self.on_accept = on_accept
-        from edge_agent import quality
-        from edge_agent.clock import ClockWatch
-        from edge_agent.rules import Rules
-
         self._quality = quality.QualityChecker(self.channels, config.quality, period_s=1.0 / config.sampling.rate_hz)
         self._clock = ClockWatch(config.clock_step_s)
         self._rules = Rules(config.rules) if config.rules.rules else None
@@ -125,6 +124,7 @@ class Agent:
             max_unconfirmed=ob.max_unconfirmed,
             synchronous=ob.synchronous,
         )
+        self._dropped, self._dropped_seen = self._outbox.dropped_ranges(), self._outbox.dropped_total
         m = self.config.mqtt
         from edgeloop.config import resolve_secret
 
@@ -298,14 +298,12 @@ class Agent:
     # -- sampling, batching, windows ------------------------------------------------------------------
 
     def _sample(self, i: int, t: float, batch_n: int, window_n: int) -> None:
-        from edge_agent.quality import CLOCK_STEP
-
         raw = list(self.source.read(i, t))
         flags = self._quality.check(t, raw)
         if self.config.sampling.speed == 1.0:  # a simulated, accelerated clock has no wall clock to watch
             step = self._clock.observe(time.monotonic(), time.time())
             if step is not None:
-                flags |= CLOCK_STEP
+                flags |= quality.CLOCK_STEP
                 log.warning("%s: wall clock stepped by %+.3f s; readings flagged", self.device, step)
         # The contract carries finite numbers only; the quality flags already say what was wrong.
         values = [v if v is None or math.isfinite(v) else None for v in raw]
@@ -340,17 +338,19 @@ class Agent:
 
     def _fit_payload(self, readings: list[wire.Reading]) -> list[list[wire.Reading]]:
         """Split a batch so that each message fits the broker's (and the contract's) payload limit."""
+        limit = min(self.config.mqtt.max_payload, wire.MAX_PAYLOAD_BYTES) - 256  # headroom for seq/ts digits
+        # A float or null takes at most 24 characters in JSON: most batches are far below the
+        # limit, so only those that might not be are encoded here (then again in the outbox).
+        if len(readings) * (26 * len(self.channels) + 40) + 70 * len(self.channels) + 200 <= limit:
+            return [readings]
         probe = wire.Telemetry(v=wire.SCHEMA_VERSION, device=self.device, seq=2**62, ts=time.time(),
                                profile=self.config.profile, channels=list(self.channels), readings=readings)
-        limit = min(self.config.mqtt.max_payload, wire.MAX_PAYLOAD_BYTES) - 256  # headroom for seq/ts digits
         if len(wire.encode(probe)) <= limit or len(readings) == 1:
             return [readings]
         half = len(readings) // 2
         return self._fit_payload(readings[:half]) + self._fit_payload(readings[half:])
 
     def _close_window(self) -> None:
-        from models import features
-
         t = np.asarray(self._window_t)
         window = np.asarray(self._window_v, dtype=float)
         self._window_t, self._window_v = [], []
@@ -422,7 +422,7 @@ class Agent:
             v=wire.SCHEMA_VERSION, device=self.device, seq=ob.next_seq if ob else 0, ts=time.time(),
             profile=self.config.profile, state=state, agent_version=AGENT_VERSION,
             model_version=getattr(self.model, "version", None),
-            outbox_depth=ob.depth if ob else 0, dropped=ob.dropped_ranges() if ob else [],
+            outbox_depth=ob.depth if ob else 0, dropped=list(self._dropped),
             uptime_s=time.monotonic() - self._started,
             config_revision=self._config_revision, config_rejected=dict(self._config_rejected),
             quality=self._quality_totals(), clock_steps=self._clock.steps,

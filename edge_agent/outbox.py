@@ -19,6 +19,7 @@ Only the agent's own thread uses an Outbox (SQLite connections are not shared ac
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class Outbox:
         # long as the one before (up to 4 x resend_after_s), so an outage on the cloud side does not
         # turn into a re-send storm, while what was lost is still re-sent within a minute or so.
         self._attempts: dict[int, int] = {}
+        self._next_due = math.inf  # no sent entry times out before this (monotonic time)
         self._cursor = -1  # highest seq handed out for a first send since the last replay
         #: Messages the drop policy removed, counted in memory (cheap to poll from any thread).
         self.dropped_total = self.dropped_count()
@@ -137,13 +139,21 @@ class Outbox:
         if limit <= 0:
             return []
         now = time.monotonic() if now is None else now
-        base, attempts = self.resend_after_s, self._attempts
-        expired = sorted(
-            s for s, at in self._sent.items() if now - at >= base * (1 << min(attempts.get(s, 1) - 1, 2))
-        )[:limit]
+        expired: list[int] = []
+        if self._sent and now >= self._next_due:  # the loop calls this every few ms: scan only when due
+            soonest = math.inf
+            for seq, at in self._sent.items():
+                due_at = at + self._resend_delay(seq)
+                if due_at <= now:
+                    expired.append(seq)
+                elif due_at < soonest:
+                    soonest = due_at
+            expired = sorted(expired)[:limit]
+            # Until the caller has re-sent the expired ones (mark_sent), look again on every call.
+            self._next_due = now if expired else soonest
         out = self._fetch(expired) if expired else []
         room = min(limit - len(out), self.max_unconfirmed - len(self._sent))
-        if room > 0:
+        if room > 0 and self._cursor < self._next_seq - 1:  # something never sent yet
             rows = self._db.execute(
                 "SELECT seq, kind, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
                 (self._cursor, room),
@@ -152,10 +162,15 @@ class Outbox:
         return out
 
     def mark_sent(self, seq: int, now: float | None = None) -> None:
-        self._sent[seq] = time.monotonic() if now is None else now
+        at = time.monotonic() if now is None else now
+        self._sent[seq] = at
         self._attempts[seq] = self._attempts.get(seq, 0) + 1
+        self._next_due = min(self._next_due, at + self._resend_delay(seq))
         if seq > self._cursor:
             self._cursor = seq
+
+    def _resend_delay(self, seq: int) -> float:
+        return self.resend_after_s * (1 << min(self._attempts.get(seq, 1) - 1, 2))
 
     def replay(self) -> None:
         """After a reconnect: treat every unconfirmed entry as unsent, to resend in seq order."""

@@ -36,7 +36,7 @@ from edgeloop.wire import Alert, DeviceMessage, Features, Inference, Status, Tel
 
 from .base import Store, StoreError, StoreUnavailable, TelemetryRow, WriteOutcome
 from .lineproto import MEASUREMENTS
-from .sqlite_queries import SQLiteQueries
+from .sqlite_queries import SQLiteQueries, _time_clause, _us
 
 __all__ = ["SQLiteStore"]
 
@@ -86,10 +86,6 @@ _ROW_ERRORS = (
 )
 _json = msgspec.json.Encoder().encode
 _values = msgspec.json.Decoder(list[float | None]).decode
-
-
-def _us(t: float) -> int:
-    return round(t * 1e6)
 
 
 def _finite(values: Iterable[float]) -> bool:
@@ -300,15 +296,9 @@ class SQLiteStore(SQLiteQueries, Store):
     def telemetry(
         self, device: str, start: float | None = None, end: float | None = None
     ) -> list[TelemetryRow]:
-        sql = "SELECT seq, idx, t_us, flags, channel_set, vals FROM telemetry WHERE device=?"
-        params: list[Any] = [device]
-        if start is not None:
-            sql += " AND t_us>=?"
-            params.append(_us(start))
-        if end is not None:
-            sql += " AND t_us<?"
-            params.append(_us(end))
-        rows = self._read(sql + " ORDER BY t_us, seq, idx", params)
+        clause, params = _time_clause(start, end)
+        sql = "SELECT seq, idx, t_us, flags, channel_set, vals FROM telemetry WHERE device=?" + clause
+        rows = self._read(sql + " ORDER BY t_us, seq, idx", [device, *params])
         out = []
         for seq, idx, t_us, flags, cid, vals in rows:
             names = self._channel_names.get(cid) or self._load_channel_set(cid)
