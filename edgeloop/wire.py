@@ -6,10 +6,14 @@ messages; the decoder refuses anything else with a reason the aggregator quarant
 
 Topics (``{device}`` and ``{kind}`` are single topic levels)::
 
-    edgeloop/v1/dev/{device}/{kind}      device -> cloud: telemetry, features, inference, alert
+    edgeloop/v1/dev/{device}/{kind}      device -> cloud: telemetry, features, inference, alert,
+                                         deployment
     edgeloop/v1/dev/{device}/status      device -> cloud, retained: birth (online) / last will
     edgeloop/v1/ctl/{device}/confirm     cloud -> device: sequence ranges durably stored
     edgeloop/v1/ctl/{device}/config      cloud -> device, retained: desired settings
+
+Model distribution (offers, chunks, chunk requests, desired models, key rotation) lives in
+:mod:`edgeloop.wire_models`.
 
 Every device message carries ``v`` (schema version), ``device``, ``seq`` (per-device sequence
 number that survives restarts) and ``ts`` (device wall clock, seconds since the epoch). A
@@ -38,6 +42,8 @@ __all__ = [
     "Inference",
     "Alert",
     "Status",
+    "Deployment",
+    "DEPLOYMENT_STATES",
     "Confirm",
     "DesiredConfig",
     "DeviceMessage",
@@ -204,6 +210,24 @@ class Status(_Header, kw_only=True, tag="status"):
         _check_ranges(self.dropped)
 
 
+#: A model version's life on one device, in order; ``rejected`` and ``rolled_back`` end it.
+DEPLOYMENT_STATES = ("offered", "downloading", "verified", "shadow", "active", "rejected", "rolled_back")
+
+
+class Deployment(_Header, kw_only=True, tag="deployment"):
+    """A device reports where one model version stands on it (through the outbox, like data).
+
+    ``reason`` says why a version was rejected or rolled back (a short stable code, then detail);
+    ``chunks_have`` / ``chunks_total`` show download progress.
+    """
+
+    model_version: Version
+    state: Literal["offered", "downloading", "verified", "shadow", "active", "rejected", "rolled_back"]
+    reason: Text = ""
+    chunks_have: Annotated[int, Meta(ge=0)] = 0
+    chunks_total: Annotated[int, Meta(ge=0)] = 0
+
+
 class Confirm(Struct, kw_only=True, tag_field="type", tag="confirm"):
     """Cloud -> device: these sequence ranges (inclusive) are durably stored; forget them."""
 
@@ -233,13 +257,14 @@ class DesiredConfig(Struct, kw_only=True, tag_field="type", tag="config"):
     settings: Annotated[dict[Name, ConfigValue], Meta(max_length=64)]
 
 
-DeviceMessage = Union[Telemetry, Features, Inference, Alert, Status]
+DeviceMessage = Union[Telemetry, Features, Inference, Alert, Status, Deployment]
 _UPLINK: dict[str, type] = {
     "telemetry": Telemetry,
     "features": Features,
     "inference": Inference,
     "alert": Alert,
     "status": Status,
+    "deployment": Deployment,
 }
 UPLINK_KINDS = tuple(_UPLINK)
 
