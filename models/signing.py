@@ -45,6 +45,10 @@ __all__ = [
     "load_private_key",
     "sign",
     "verify",
+    "verify_digest",
+    "key_rotation_payload",
+    "sign_key_rotation",
+    "verify_key_rotation",
     "version_key",
     "is_acceptable_version",
 ]
@@ -165,6 +169,16 @@ def verify(manifest: Manifest, onnx_bytes: bytes, public_key_bytes: bytes) -> No
     Checks, in order: the signature is present and well formed; the bytes hash to the manifest's
     sha256; the public key parses; the signature verifies over ``signing_payload()``.
     """
+    verify_digest(manifest, hashlib.sha256(onnx_bytes).hexdigest(), public_key_bytes)
+
+
+def verify_digest(manifest: Manifest, sha256_hex: str, public_key_bytes: bytes) -> None:
+    """:func:`verify` for a model known by its sha256 (hex) rather than its bytes.
+
+    A device hashes a downloaded model streaming from disk, so it never has to hold the bytes
+    to check them; ``sha256_hex`` must be what it computed itself. Same checks and reasons as
+    :func:`verify`.
+    """
     name = f"model {manifest.profile}/{manifest.version}"
     if not manifest.signature:
         raise SignatureError("missing_signature", f"{name} is not signed; refusing an unsigned model")
@@ -178,7 +192,7 @@ def verify(manifest: Manifest, onnx_bytes: bytes, public_key_bytes: bytes) -> No
         raise SignatureError("malformed_signature", f"{name}: signature is not valid base64: {exc}") from exc
     if len(raw) != 64:
         raise SignatureError("malformed_signature", f"{name}: signature is {len(raw)} bytes, Ed25519 gives 64")
-    digest = hashlib.sha256(onnx_bytes).hexdigest()
+    digest = sha256_hex
     if digest != manifest.sha256:
         raise SignatureError(
             "sha256_mismatch",
@@ -195,6 +209,52 @@ def verify(manifest: Manifest, onnx_bytes: bytes, public_key_bytes: bytes) -> No
             "bad_signature",
             f"{name}: signature does not verify with this public key (signed by another key, or the "
             "manifest was changed after signing)",
+        ) from None
+
+
+# -- key rotation ---------------------------------------------------------------------------------
+
+
+def key_rotation_payload(new_public_pem: bytes | str, key_id: str) -> bytes:
+    """What a key rotation signs: the new key's PEM bytes followed by ``key_id`` (UTF-8)."""
+    pem = new_public_pem.encode() if isinstance(new_public_pem, str) else bytes(new_public_pem)
+    return pem + key_id.encode()
+
+
+def sign_key_rotation(new_public_pem: bytes | str, key_id: str, private_key) -> str:
+    """``"ed25519:<base64>"`` by the CURRENT private key over :func:`key_rotation_payload`.
+
+    This is the ``signature`` of an :class:`edgeloop.wire_models.KeyRotation`; the new key must
+    parse as an Ed25519 public key (a rotation to garbage would lock every device out).
+    """
+    pem = new_public_pem.encode() if isinstance(new_public_pem, str) else bytes(new_public_pem)
+    _load_public_key(pem)
+    raw = load_private_key(private_key).sign(key_rotation_payload(pem, key_id))
+    return SIGNATURE_PREFIX + base64.b64encode(raw).decode()
+
+
+def verify_key_rotation(new_public_pem: bytes | str, key_id: str, signature: str, public_key_bytes: bytes) -> None:
+    """Return if ``signature`` is the holder of ``public_key_bytes`` vouching for the new key.
+
+    Raises :class:`SignatureError`: ``malformed_signature``, ``malformed_key`` (either key does not
+    parse) or ``bad_signature``.
+    """
+    pem = new_public_pem.encode() if isinstance(new_public_pem, str) else bytes(new_public_pem)
+    if not signature.startswith(SIGNATURE_PREFIX):
+        raise SignatureError("malformed_signature", f"key rotation {key_id}: signature does not start with {SIGNATURE_PREFIX!r}")
+    try:
+        raw = base64.b64decode(signature[len(SIGNATURE_PREFIX):], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError("malformed_signature", f"key rotation {key_id}: signature is not valid base64: {exc}") from exc
+    _load_public_key(pem)
+    key = _load_public_key(public_key_bytes)
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        key.verify(raw, key_rotation_payload(pem, key_id))
+    except InvalidSignature:
+        raise SignatureError(
+            "bad_signature", f"key rotation {key_id}: not signed by the key this device trusts"
         ) from None
 
 
