@@ -17,6 +17,12 @@ in arrival order, because brokers (the embedded one) disconnect a client that ac
 order. Stores must therefore accept ``write`` from several threads (both stores here do).
 Acknowledging only after the durable write is what makes ingest at-least-once; writing
 identical points for a repeat is what makes it exactly-once in the store.
+
+Chunk requests (``dev/{device}/chunkreq``, model distribution) are not data: a valid one is
+handed to :attr:`Ingest.chunk_requests` at once (the distributor only queues the re-send) and
+acknowledged in order with its batch, never stored; a malformed one is quarantined with its
+reason. :attr:`Ingest.observers` see every newly stored message once its batch is durable (the
+rollout manager follows inference and deployment messages through them).
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Callable
 
 from edgeloop import wire
+from edgeloop.wire_models import ChunkRequest, decode_chunk_request
 from edgeloop.mqtt import BrokerAddress, Incoming, MqttLink
 from aggregator.confirm import Confirmer
 from aggregator.quarantine import Quarantine
@@ -52,6 +60,8 @@ class IngestStats:
     last_batch_s: float = 0.0
     repeats_skipped: int = 0  # already stored (a re-send or redelivery): confirmed, not rewritten
     shed: int = 0  # acknowledged and dropped while over ``max_waiting``: the device re-sends them
+    chunk_requests: int = 0  # valid model chunk requests handed on (acknowledged, not stored)
+    observer_errors: int = 0  # observer calls that raised (logged; ingest goes on)
 
 
 @dataclass(slots=True)
@@ -137,6 +147,13 @@ class Ingest:
         self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        #: Called in paho's thread with each valid ChunkRequest (must not block); None ignores them.
+        self.chunk_requests: Callable[[ChunkRequest], object] | None = None
+        #: Called in the writer thread with (message, received_at) for every newly stored message
+        #: (and status) after its batch is durable; one that raises is logged and counted.
+        self.observers: list[Callable[[wire.DeviceMessage, float], None]] = []
+        #: Called in paho's thread after every (re)connect, after the subscription (must not block).
+        self.on_connect_hooks: list[Callable[[], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -164,6 +181,11 @@ class Ingest:
 
     def _on_connect(self) -> None:
         self.link.subscribe(wire.uplink_filter(self.share_group), qos=1)
+        for hook in self.on_connect_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("on_connect hook %r failed", hook)
 
     def _on_message(self, msg: Incoming) -> None:
         if not msg.payload and msg.retain and msg.topic.endswith("/status"):
@@ -177,11 +199,32 @@ class Ingest:
             self.link.ack(msg.mid, msg.qos)
             self.stats.shed += 1
             return
+        if msg.topic.endswith("/chunkreq"):
+            self._inbox.put(self._chunk_request(msg))
+            return
         try:
             decoded, error = wire.decode(msg.topic, msg.payload), None
         except wire.WireError as exc:
             decoded, error = None, exc
         self._inbox.put(_Item(msg.mid, msg.qos, time.time(), msg.topic, msg.payload, decoded, error))
+
+    def _chunk_request(self, msg: Incoming) -> _Item:
+        """Hand a chunk request on now; the item (no message) only carries its acknowledgement,
+        or its error to the quarantine."""
+        try:
+            req, error = decode_chunk_request(msg.payload, msg.topic), None
+        except wire.WireError as exc:
+            req, error = None, exc
+        except ValueError as exc:  # chunkreq_topic refuses the device id the payload names
+            req, error = None, wire.WireError("device-mismatch", str(exc)[:300])
+        if req is not None:
+            self.stats.chunk_requests += 1
+            if self.chunk_requests is not None:
+                try:
+                    self.chunk_requests(req)
+                except Exception:
+                    log.exception("chunk request handler failed for %s", msg.topic)
+        return _Item(msg.mid, msg.qos, time.time(), msg.topic, msg.payload, None, error)
 
     def _room(self, timeout: float) -> bool:
         """Back-pressure: hold paho's thread (so it reads no more from the broker) until the
@@ -253,7 +296,8 @@ class Ingest:
     def _submit(self, batch: list[_Item], pool: ThreadPoolExecutor) -> _Write:
         """Quarantine the refused messages durably, then start the store write in the pool."""
         bad = [(i.topic, i.error.reason, i.error.detail, i.payload) for i in batch if i.error is not None]
-        good = [i for i in batch if i.message is not None] if bad else batch
+        # Items with neither message nor error are chunk requests: acknowledged, not stored.
+        good = [i for i in batch if i.message is not None]
         if bad:
             self.quarantine.add_many(bad)
         has = self.registry.has_stored
@@ -314,6 +358,8 @@ class Ingest:
                 readings += len(msg.readings)
             if kind is not wire.Status:
                 stored(msg.device, msg.seq)
+        if self.observers:
+            self._notify([i for i in written if id(i) not in refused] if refused else written)
         stats.stored_messages += len(good) - len(refused)
         stats.stored_readings += readings
         stats.received += len(batch)
@@ -321,6 +367,17 @@ class Ingest:
         stats.batches += 1
         stats.last_batch_s = time.monotonic() - write.started
         return True
+
+    def _notify(self, items: list[_Item]) -> None:
+        for item in items:
+            for observer in self.observers:
+                try:
+                    observer(item.message, item.received_at)
+                except Exception:
+                    self.stats.observer_errors += 1
+                    if self.stats.observer_errors <= 10 or self.stats.observer_errors % 1000 == 0:
+                        log.exception("ingest observer %r failed (%d failures so far)", observer,
+                                      self.stats.observer_errors)
 
     def _write_with_retry(self, messages):
         if not messages:

@@ -21,6 +21,10 @@ Fed by the ingest after each durable write: every stored message and the retaine
   after an outage is not taken for a slow clock). A *clock step* is a message with a higher
   sequence number than any before whose ``ts`` is more than ``step_s`` earlier than that one's.
   Status messages are left out of both: a will carries its connect-time ``ts``.
+* **Models.** ``model_version`` is the champion the device serves (from its status and champion
+  inferences); ``deployments`` holds, per model version, the latest state the device reported for
+  it (a ``deployment`` message: offered ... active, rejected, rolled_back), with its reason,
+  device time and download progress; only the ``max_deployments`` most recent versions are kept.
 
 Gap counts are **per aggregator**: several aggregators in one shared-subscription group each
 store only part of a device's sequence, so each one's registry sees the others' numbers as holes
@@ -42,9 +46,20 @@ import msgspec
 from edgeloop import wire
 from edgeloop.files import write_atomic
 
-__all__ = ["DeviceRecord", "Registry", "SeqAccount"]
+__all__ = ["DeploymentState", "DeviceRecord", "Registry", "SeqAccount"]
 
 _DATA = (wire.Telemetry, wire.Features, wire.Inference, wire.Alert)
+
+
+class DeploymentState(msgspec.Struct, kw_only=True):
+    """The latest state a device reported for one model version (see ``wire.Deployment``)."""
+
+    state: str
+    reason: str = ""
+    ts: float = 0.0  # device clock
+    chunks_have: int = 0
+    chunks_total: int = 0
+    seq: int = -1  # of the message it came from: an older re-send never overwrites a newer state
 
 
 class DeviceRecord(msgspec.Struct, kw_only=True):
@@ -91,6 +106,8 @@ class DeviceRecord(msgspec.Struct, kw_only=True):
     clock_steps: int = 0
     last_step_at: float = 0.0  # aggregator clock
     last_step_s: float = 0.0  # how far ts went back (negative)
+    # -- models
+    deployments: dict[str, DeploymentState] = {}  # model version -> latest reported state
 
 
 class SeqAccount(msgspec.Struct, kw_only=True):
@@ -138,6 +155,7 @@ class Registry:
         step_s: float = 5.0,
         skew_window_s: float = 60.0,
         max_ranges: int = 512,
+        max_deployments: int = 16,
     ) -> None:
         self.path = Path(path) if path else None
         self.save_every_s = save_every_s
@@ -149,6 +167,7 @@ class Registry:
         if max_ranges < 8:
             raise ValueError(f"Registry max_ranges must be >= 8, got {max_ranges!r}")
         self.max_ranges = max_ranges
+        self.max_deployments = max(1, max_deployments)
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceRecord] = {}
         self._windows: dict[str, _Window] = {}
@@ -219,6 +238,8 @@ class Registry:
             self._settle(rec)
         if isinstance(msg, wire.Inference) and msg.role == "champion":
             rec.model_version = msg.model_version
+        elif type(msg) is wire.Deployment:
+            self._observe_deployment(rec, msg)
         # Clock offset: transit only lowers ts - received_at, so the window maximum is the estimate.
         offset = msg.ts - received_at
         rec.clock_skew_s = offset
@@ -243,6 +264,19 @@ class Registry:
                 rec.last_step_at = received_at
                 rec.last_step_s = msg.ts - rec.head_ts
             rec.head_seq, rec.head_ts = seq, msg.ts
+
+    def _observe_deployment(self, rec: DeviceRecord, msg: wire.Deployment) -> None:
+        known = rec.deployments.get(msg.model_version)
+        if known is not None and known.seq > msg.seq:
+            return
+        if known is None and len(rec.deployments) >= self.max_deployments:
+            oldest = min(rec.deployments, key=lambda v: rec.deployments[v].seq)
+            if rec.deployments[oldest].seq > msg.seq:
+                return
+            del rec.deployments[oldest]
+        rec.deployments[msg.model_version] = DeploymentState(
+            state=msg.state, reason=msg.reason, ts=msg.ts, chunks_have=msg.chunks_have,
+            chunks_total=msg.chunks_total, seq=msg.seq)
 
     def has_stored(self, device: str, seq: int) -> bool:
         """Whether this aggregator has stored ``(device, seq)`` already (a re-send or redelivery).
@@ -390,7 +424,8 @@ class Registry:
     def _snapshot(self, rec: DeviceRecord, now: float) -> DeviceRecord:
         self._refresh(rec, now)
         return msgspec.structs.replace(
-            rec, dropped=list(rec.dropped), stored=list(rec.stored), exposed=list(rec.exposed))
+            rec, dropped=list(rec.dropped), stored=list(rec.stored), exposed=list(rec.exposed),
+            deployments=dict(rec.deployments))
 
     def get(self, device: str, now: float | None = None) -> DeviceRecord | None:
         """A copy of ``device``'s record with derived fields as of ``now``; None if unknown."""

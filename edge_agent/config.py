@@ -16,7 +16,8 @@ from edge_agent.rules import RulesSettings
 from edgeloop import config as _config
 from edgeloop.wire import DEVICE_ID_PATTERN
 
-__all__ = ["AgentConfig", "MqttSettings", "SamplingSettings", "SourceSettings", "OutboxSettings", "load", "EXAMPLE"]
+__all__ = ["AgentConfig", "MqttSettings", "SamplingSettings", "SourceSettings", "OutboxSettings", "ModelSettings",
+           "load", "EXAMPLE"]
 
 
 class MqttSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -55,6 +56,17 @@ class OutboxSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
+class ModelSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Models pushed over MQTT (edgeloop.wire_models): who signs them, and how downloads resume."""
+
+    #: The model-signing public key (PEM; ``signing.pub`` of the device bundle). Without it every
+    #: pushed model is refused, unless ``allow_unsigned`` (tests and the demo only).
+    public_key_file: str | None = None
+    allow_unsigned: bool = False
+    #: Ask the cloud for the chunks still missing after this long without a new one.
+    rerequest_after_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+
+
 class AgentConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     device_id: Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
     profile: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{0,32}$")] = "machine"
@@ -76,6 +88,7 @@ class AgentConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     rules: RulesSettings = msgspec.field(default_factory=RulesSettings)
     #: A wall-clock jump bigger than this between two samples is flagged as a clock step.
     clock_step_s: Annotated[float, Meta(gt=0)] = 1.0
+    models: ModelSettings = msgspec.field(default_factory=ModelSettings)
 
     def state_dir(self) -> Path:
         """Where this device keeps its outbox, sequence and model state."""
@@ -85,7 +98,12 @@ class AgentConfig(Struct, kw_only=True, forbid_unknown_fields=True):
 
 def load(path: str | Path | None, **overrides: Any) -> AgentConfig:
     """Load ``path`` (TOML) with dotted-key overrides such as ``{"mqtt.url": ...}``."""
-    return _config.load(path, AgentConfig, overrides)
+    cfg = _config.load(path, AgentConfig, overrides)
+    key = cfg.models.public_key_file
+    if key and not Path(key).is_file():
+        raise _config.ConfigError(str(path) if path else "command line", "models.public_key_file",
+                                  f"no such file {key!r} (the model-signing public key, signing.pub)")
+    return cfg
 
 
 EXAMPLE = """\
@@ -135,6 +153,10 @@ vibration = [-50.0, 50.0]
 bearing_temp = [-20.0, 120.0]
 motor_current = [0.0, 60.0]
 rpm = [0.0, 3000.0]
+
+[models]                        # models pushed by the aggregator over MQTT
+# public_key_file = "/etc/edgeloop/signing.pub"  # model-signing public key; without it pushed models are refused
+rerequest_after_s = 10.0        # ask again for missing model chunks after this long without one
 
 # Local rules: fire an alert (and optionally run a command) with hysteresis and cool-down.
 [[rules.rules]]

@@ -30,8 +30,9 @@ from edgeloop.wire import merge_ranges
 
 __all__ = ["Outbox", "Entry", "PRIORITY"]
 
-#: Lower numbers are dropped first when the outbox is full.
-PRIORITY = {"telemetry": 0, "features": 1, "inference": 2, "alert": 3}
+#: Lower numbers are dropped first when the outbox is full. Deployment reports (which model a
+#: device serves, and why it refused one) are few and small, and rollouts decide on them: last.
+PRIORITY = {"telemetry": 0, "features": 1, "inference": 2, "alert": 3, "deployment": 4}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);

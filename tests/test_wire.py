@@ -35,6 +35,8 @@ VALID: dict[str, wire.DeviceMessage] = {
                         message="vib_rms 0.91 above 0.8 — ünïcödé is fine here"),
     "status": wire.Status(**HEADER, state="offline", agent_version="0.1.0+pi", model_version="iforest-7",
                           outbox_depth=3, dropped=[(1, 4), (9, 9)], uptime_s=12.5),
+    "deployment": wire.Deployment(**HEADER, model_version="iforest-8", state="rejected",
+                                  reason="bad-signature: signed by another key", chunks_have=5, chunks_total=5),
 }
 
 

@@ -13,6 +13,9 @@ written a few nanoseconds later, with ``FLAG_TIME_ADJUSTED`` set in its flags (`
     alerts        tags device, profile, rule, severity   fields value, message, seq
     agent_health  tags device, profile   fields state, outbox_depth, uptime_s, seq, agent_version,
                   model_version (when present); time = ts
+    deployments   tags device, profile, model_version   fields state, reason, chunks_have,
+                  chunks_total, seq; time = ts in µs plus ``seq % 1000`` ns (two states a device
+                  reports within one microsecond must not overwrite each other)
 
 The ``profile`` tag is omitted when the profile is "". Each message becomes its own chunk so that
 a batch the server refuses in part can be traced back to the message index (the InfluxDB store
@@ -32,7 +35,7 @@ from functools import lru_cache
 
 import msgspec
 
-from edgeloop.wire import Alert, DeviceMessage, Features, Inference, Status, Telemetry
+from edgeloop.wire import Alert, Deployment, DeviceMessage, Features, Inference, Status, Telemetry
 
 from .base import FLAG_TIME_ADJUSTED
 
@@ -45,6 +48,7 @@ MEASUREMENTS = {
     "inference": "inference",
     "alert": "alerts",
     "status": "agent_health",
+    "deployment": "deployments",
 }
 
 
@@ -177,12 +181,26 @@ def _status(m: Status) -> tuple[str, int]:
     ), 1
 
 
+def _deployment(m: Deployment) -> tuple[str, int]:
+    return (
+        f"deployments,device={_ident(m.device)}{_profile(m)},model_version={_ident(m.model_version)}"
+        f" state={_string(m.state)},reason={_string(m.reason)},chunks_have={int(m.chunks_have)}i"
+        f",chunks_total={int(m.chunks_total)}i,seq={m.seq}i {deployment_time_ns(m)}\n"
+    ), 1
+
+
+def deployment_time_ns(m: Deployment) -> int:
+    """A deployment point's time: ``ts`` in µs, plus ``seq % 1000`` ns (see the module docstring)."""
+    return round(m.ts * 1e6) * 1000 + m.seq % 1000
+
+
 _ENCODERS = {
     Telemetry: _telemetry,
     Features: _features,
     Inference: _inference,
     Alert: _alert,
     Status: _status,
+    Deployment: _deployment,
 }
 
 
@@ -199,6 +217,8 @@ def _nonfinite(m: DeviceMessage) -> str | None:
         values = [m.score, m.latency_us]
     elif isinstance(m, Alert):
         values = [m.value]
+    elif isinstance(m, Deployment):
+        values = []
     else:
         values = [m.uptime_s]
     return "non-finite value" if any(not math.isfinite(v) for v in values) else None

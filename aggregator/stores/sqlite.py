@@ -10,15 +10,15 @@ crash of the process but could lose the last commits on a power cut, i.e. confir
 
 Idempotence: primary keys make a repeat replace its own rows with identical values:
 telemetry (device, seq, idx), so a device clock that steps back never replaces another reading;
-features, inference and alerts (device, seq); agent_health
+features, inference, alerts and deployments (device, seq); agent_health
 (device, profile, time), the key InfluxDB gives that measurement.
 
 Retention (``retention_s``): rows whose device time is older than now - retention_s are deleted,
 checked after a write at most every ``housekeeping_s``. Size cap (``max_bytes``): after each write
 batch, while the pages in use exceed the cap, the oldest tenth (by device time) of the first
-non-empty table in this order is deleted: telemetry, features, inference, alerts, agent_health;
-raw readings are the bulk and the cheapest to lose, features are what retraining needs. The file
-itself does not shrink (freed pages are reused) and the WAL comes on top.
+non-empty table in this order is deleted: telemetry, features, inference, alerts, agent_health,
+deployments; raw readings are the bulk and the cheapest to lose, features are what retraining
+needs. The file itself does not shrink (freed pages are reused) and the WAL comes on top.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from edgeloop.wire import Alert, DeviceMessage, Features, Inference, Status, Telemetry
+from edgeloop.wire import Alert, Deployment, DeviceMessage, Features, Inference, Status, Telemetry
 
 from .base import Store, StoreError, StoreUnavailable, TelemetryRow, WriteOutcome
 from .lineproto import MEASUREMENTS
@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS agent_health (
     state TEXT NOT NULL, outbox_depth INTEGER NOT NULL, uptime_s REAL NOT NULL,
     agent_version TEXT NOT NULL, model_version TEXT,
     PRIMARY KEY (device, profile, t_us)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deployments (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, t_us INTEGER NOT NULL, profile TEXT NOT NULL,
+    model_version TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL,
+    chunks_have INTEGER NOT NULL, chunks_total INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)) WITHOUT ROWID;
 """
 
 _INSERT = {
@@ -76,9 +81,10 @@ _INSERT = {
     "inference": "INSERT OR REPLACE INTO inference VALUES (?,?,?,?,?,?,?,?,?,?)",
     "alerts": "INSERT OR REPLACE INTO alerts VALUES (?,?,?,?,?,?,?,?)",
     "agent_health": "INSERT OR REPLACE INTO agent_health VALUES (?,?,?,?,?,?,?,?,?)",
+    "deployments": "INSERT OR REPLACE INTO deployments VALUES (?,?,?,?,?,?,?,?,?)",
 }
 #: Size-cap deletion order, first to go first.
-_EVICTION_ORDER = ("telemetry", "features", "inference", "alerts", "agent_health")
+_EVICTION_ORDER = ("telemetry", "features", "inference", "alerts", "agent_health", "deployments")
 #: Errors that belong to one message's rows, not to the store (it is rejected, the rest stored).
 _ROW_ERRORS = (
     ValueError, TypeError, AttributeError, OverflowError,
@@ -189,6 +195,9 @@ class SQLiteStore(SQLiteQueries, Store):
                 raise ValueError("non-finite uptime")
             return "agent_health", [(d, p, _us(m.ts), m.seq, m.state, m.outbox_depth,
                                      m.uptime_s, m.agent_version, m.model_version)]
+        if isinstance(m, Deployment):
+            return "deployments", [(d, m.seq, _us(m.ts), p, m.model_version, m.state, m.reason,
+                                    m.chunks_have, m.chunks_total)]
         raise ValueError(f"not a device message: {type(m).__name__}")
 
     def write(self, messages: Sequence[DeviceMessage]) -> WriteOutcome:
