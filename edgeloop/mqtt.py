@@ -12,6 +12,10 @@ link keeps policy small and explicit:
   (re)connect so that owners can replay and re-subscribe.
 * With ``manual_ack=True`` incoming QoS 1 messages are acknowledged only when the owner calls
   :meth:`ack`, after it has stored them.
+* With ``network_loop=`` a shared :class:`edgeloop.netloop.NetworkLoop` drives the connection
+  instead of a thread of its own (simulated fleets: a thousand links, one network thread). The
+  API and the reconnect policy stay the same; the loop reconnects with :meth:`_next_retry_delay`.
+* :meth:`cut` simulates a network cut: the connection drops and reconnects fail until it ends.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class MqttLink:
         key_file: str | None = None,
         on_connect: Callable[[], None] | None = None,
         on_message: Callable[[Incoming], None] | None = None,
+        network_loop=None,
     ) -> None:
         self.address = parse_mqtt_url(address) if isinstance(address, str) else address
         self.client_id = client_id
@@ -138,6 +143,10 @@ class MqttLink:
         self._attempt_proto = "5"
         self.reconnects = 0
         self.published = 0
+        #: A shared :class:`edgeloop.netloop.NetworkLoop`, or None for paho's own thread. Read by start().
+        self.network_loop = network_loop
+        self._blocked_until = 0.0  # monotonic time until which connection attempts fail (cut())
+        self._retry_delay: float | None = None  # the network loop's current reconnect backoff
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -159,10 +168,10 @@ class MqttLink:
                 self._client.connect_async(**self._connect_args(proto))
             except (OSError, ValueError) as exc:
                 raise MqttError(f"cannot connect to {self.address}: {exc}") from exc
-            self._client.loop_start()
+            self._run_client(self._client)
             deadline = time.monotonic() + timeout / len(order)
             while time.monotonic() < deadline and not self._connected.is_set() and not self._refused:
-                time.sleep(0.01)
+                self._connected.wait(0.01)
             if self._connected.is_set():
                 return True
             refused = self._refused
@@ -172,8 +181,7 @@ class MqttLink:
                             self.address, self.client_id)
                 self._attempt_proto = order[0] if self._protocol_pref != "auto" else proto
                 return False
-            self._client.loop_stop()
-            self._client.disconnect()
+            self._halt_client(self._client, disconnect_first=False)
             errors.append(f"MQTT {proto}: {refused or 'no answer'}")
             if refused and "authoriz" in refused.lower():
                 break  # credentials are wrong; another protocol version will not help
@@ -193,7 +201,7 @@ class MqttLink:
             else:
                 client.disconnect()
         finally:
-            client.loop_stop()
+            self._halt_client(client)
             self._connected.clear()
 
     def drop_connection(self) -> None:
@@ -210,6 +218,44 @@ class MqttLink:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def cut(self, duration_s: float) -> None:
+        """Simulate a network cut: drop the connection now and fail every reconnect attempt for
+        ``duration_s`` seconds; afterwards the ordinary backoff brings the link back. Any thread."""
+        self._blocked_until = max(self._blocked_until, time.monotonic() + duration_s)
+        self.drop_connection()
+
+    @property
+    def cut_active(self) -> bool:
+        return time.monotonic() < self._blocked_until
+
+    def _run_client(self, client: paho.Client) -> None:
+        """Start driving ``client``: paho's own network thread, or the shared network loop."""
+        if self.network_loop is None:
+            client.loop_start()
+        else:
+            self.network_loop.attach(self, client)
+
+    def _halt_client(self, client: paho.Client, disconnect_first: bool = True) -> None:
+        """Stop driving ``client``. With a network loop, what it queued (DISCONNECT) is written first."""
+        if self.network_loop is None:
+            client.loop_stop()
+            if not disconnect_first:
+                client.disconnect()
+        else:
+            if not disconnect_first:
+                client.disconnect()
+            self.network_loop.detach(client)
+
+    def _next_retry_delay(self) -> float:
+        """The network loop's reconnect backoff: 1 s doubling to 30 s, each with +-25 % jitter so
+        that a fleet cut at the same moment does not reconnect in lockstep (paho's own thread has
+        the same policy through ``reconnect_delay_set``)."""
+        self._retry_delay = 1.0 if self._retry_delay is None else min(self._retry_delay * 2, 30.0)
+        return self._retry_delay * random.uniform(0.75, 1.25)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        log.debug("%s: connection attempt to %s failed: %s", self.client_id, self.address, exc)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -252,6 +298,8 @@ class MqttLink:
             with self._lock:
                 self._reserved -= 1
             raise
+        if self.network_loop is not None:
+            self.network_loop.wake(client)  # the loop thread writes it (see edgeloop.netloop)
         with self._lock:
             self._reserved -= 1
             ok = info.rc == paho.MQTT_ERR_SUCCESS
@@ -270,10 +318,14 @@ class MqttLink:
         if self._client is None:
             raise MqttError("subscribe before start()")
         self._client.subscribe(topic_filter, qos)
+        if self.network_loop is not None:
+            self.network_loop.wake(self._client)
 
     def ack(self, mid: int, qos: int) -> None:
         if self._client is not None and qos > 0:
             self._client.ack(mid, qos)
+            if self.network_loop is not None:
+                self.network_loop.wake(self._client)
 
     # -- paho plumbing ------------------------------------------------------------------------
 
@@ -303,7 +355,13 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
+        client.on_pre_connect = self._handle_pre_connect
         return client
+
+    def _handle_pre_connect(self, client, userdata) -> None:
+        if time.monotonic() < self._blocked_until:
+            # An OSError: paho's thread and the network loop both treat it as "no answer, retry".
+            raise ConnectionRefusedError(f"network cut (simulated) for {self.client_id}")
 
     def _connect_args(self, proto: str) -> dict:
         args = {"host": self.address.host, "port": self.address.port, "keepalive": self.keepalive}
@@ -331,6 +389,7 @@ class MqttLink:
         # owner must always re-subscribe and replay.
         if self.protocol is not None:
             self.reconnects += 1
+        self._retry_delay = None
         self.protocol = self._attempt_proto
         self._connected.set()
         if self._on_connect_cb is not None:
