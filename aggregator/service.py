@@ -1,4 +1,6 @@
-"""The aggregator service: configuration, and wiring store + quarantine + registry + ingest.
+"""The aggregator service: configuration, and wiring store + quarantine + registry + ingest
++ model distribution (``Aggregator.models``, the model registry; ``Aggregator.ota``, the
+distributor that offers its models to the devices over the ingest's MQTT link).
 
 ``edgeloop aggregator --config FILE`` builds an :class:`Aggregator` from
 :class:`AggregatorConfig` and runs it until SIGINT/SIGTERM. With no InfluxDB configured it
@@ -15,10 +17,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from aggregator.alerts import AlertSettings
 from edgeloop import config as _config
 from edgeloop.mqtt import parse_mqtt_url
 
-__all__ = ["AggregatorConfig", "Aggregator", "HttpSettings", "load", "EXAMPLE"]
+__all__ = ["AggregatorConfig", "Aggregator", "HttpSettings", "ModelsSettings", "load", "EXAMPLE"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,20 @@ class HttpSettings(Struct, kw_only=True, forbid_unknown_fields=True):
 
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080  # 0: any free port (see Aggregator.http_port)
     host: str = "127.0.0.1"
+    #: Bearer token for control actions (rollouts, alert acks, silences): "env:NAME" or a literal;
+    #: or ``token_file``. Unset: control actions answer 403 and the API is read-only.
+    token: str | None = None
+    token_file: str | None = None
+
+
+class ModelsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The model registry and model distribution (aggregator/ota.py)."""
+
+    registry: str | None = None  # unset: <data_dir>/models, where ``edgeloop models`` keeps them
+    #: Bytes per broadcast chunk: with topic and headers it must fit the broker's payload limit
+    #: and the devices' ``mqtt.max_payload`` (default 64 KiB fits both by far).
+    chunk_size: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    signing_key_file: str | None = None  # unset: <data_dir>/keys/signing.key (``edgeloop models keygen``)
 
 
 class AggregatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -79,13 +96,30 @@ class AggregatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     influx: InfluxSettings = msgspec.field(default_factory=InfluxSettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     http: HttpSettings | None = None
+    models: ModelsSettings = msgspec.field(default_factory=ModelsSettings)
+    alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
+
+    def base_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else _config.default_data_dir()
 
     def state_dir(self) -> Path:
-        return (Path(self.data_dir) if self.data_dir else _config.default_data_dir()) / "aggregator"
+        return self.base_dir() / "aggregator"
+
+    def models_dir(self) -> Path:
+        return Path(self.models.registry) if self.models.registry else self.base_dir() / "models"
+
+    def signing_key_path(self) -> Path:
+        from models.signing import key_paths
+
+        return Path(self.models.signing_key_file) if self.models.signing_key_file else key_paths(self.base_dir())[0]
 
 
 def load(path: str | Path | None, **overrides: Any) -> AggregatorConfig:
     cfg = _config.load(path, AggregatorConfig, overrides)
+    key = cfg.models.signing_key_file
+    if key and not Path(key).is_file():
+        raise _config.ConfigError(str(path) if path else "command line", "models.signing_key_file",
+                                  f"no such file {key!r} (create a key pair with `edgeloop models keygen`)")
     if cfg.http is None:  # the service always has its HTTP port; see AggregatorConfig
         cfg.http = HttpSettings()
     return cfg
@@ -125,6 +159,8 @@ class Aggregator:
 
     def __init__(self, cfg: AggregatorConfig, store=None) -> None:
         from aggregator.ingest import Ingest
+        from aggregator.model_registry import ModelRegistry
+        from aggregator.ota import ModelDistributor
         from aggregator.quarantine import Quarantine
         from aggregator.registry import Registry
 
@@ -155,6 +191,17 @@ class Aggregator:
             ack_threshold=min(cfg.ingest.ack_threshold, max(1, m.receive_maximum // 2)),
             confirm_interval_s=cfg.ingest.confirm_interval_s,
         )
+        self.models = ModelRegistry(cfg.models_dir())
+        self.ota = ModelDistributor(self.ingest.link, self.models, state_dir=state, chunk_size=cfg.models.chunk_size)
+        self.ingest.chunk_requests = self.ota.handle_chunk_request
+        self.ingest.on_connect_hooks.append(self.ota.on_connect)
+        from aggregator.rollout import RolloutManager
+
+        key = cfg.signing_key_path()
+        # Rollouts watch every stored inference and deployment report through the ingest.
+        self.rollouts = RolloutManager(self.ota, self.models, self.registry, state_dir=state,
+                                       signing_key=key if key.is_file() else None)
+        self.ingest.observers.append(self.rollouts.observe)
         self._http = None
 
     @property
@@ -169,8 +216,12 @@ class Aggregator:
             self._http = HttpServer(make_app(self), self.config.http.host, self.config.http.port)
             self._http.start()
         try:
+            self.ota.start()
             self.ingest.start()
+            self.rollouts.serve(1.0)
         except BaseException:
+            self.rollouts.close()
+            self.ota.stop()
             self._stop_http()
             raise
         log.info("aggregator ingesting from %s into %s", self.ingest.link.address, self.store.name)
@@ -186,6 +237,8 @@ class Aggregator:
         is gone, and only the devices' re-sends would get those stored."""
         try:
             self._stop_http()  # before the quarantine closes: no request may read a closed database
+            self.rollouts.close()
+            self.ota.stop()
             self.ingest.stop(forget_session=forget_session)
         finally:
             self.quarantine.close()
@@ -227,7 +280,17 @@ max_delay_s = 0.05                 # ... or when the oldest message waited this 
 ack_threshold = 500                # ... or when this many messages wait for their acknowledgement
 confirm_interval_s = 1.0           # how often devices hear what is stored
 
+[models]
+# registry = "/var/lib/edgeloop/models"  # model registry (default: <data_dir>/models, as `edgeloop models`)
+chunk_size = 65536                 # bytes per broadcast model chunk; must fit the broker's payload limit
+# signing_key_file = "/var/lib/edgeloop/keys/signing.key"  # default: <data_dir>/keys/signing.key
+
 [http]                             # Prometheus /metrics, fleet API (/api/fleet ...), /openapi.json
 port = 8080                        # 0: any free port (logged at start)
-host = "127.0.0.1"                 # "0.0.0.0" to serve beyond this machine; the API has no auth
+host = "127.0.0.1"                 # "0.0.0.0" to serve beyond this machine
+# token = "env:EDGELOOP_API_TOKEN"  # bearer token for control actions (rollouts, alert acks); or token_file
+
+[alerts]
+# webhook_url = "https://hooks.example.com/edgeloop"  # POST every new alert as JSON (retried with backoff)
+retries = 5
 """

@@ -1,4 +1,4 @@
-"""``edgeloop models keygen|train|list|show|verify|promote|rollback``: signed models in the registry.
+"""``edgeloop models keygen|train|list|show|verify|promote|rollback|push|rollout``: signed models.
 
 A standalone click group that ``edgeloop/cli.py`` registers with ``main.add_command``. Each command
 imports what it needs inside its function (training pulls in scikit-learn; the others do not).
@@ -8,6 +8,12 @@ Rollback rule: ``rollback PROFILE`` re-signs the previous champion as a NEW regi
 already stored) with ``rollback_of`` = the current champion's version and ``parent_version`` = the
 previous champion's version, stores it, and makes it the champion in place of the previous one.
 Agents accept an older model only as such a signed rollback (models.signing.is_acceptable_version).
+The entry is made by aggregator.model_rollback.signed_rollback, which automatic rollbacks use too.
+
+On a running aggregator (``--api URL``): ``push`` starts a rollout (canaries in shadow, gate, waves,
+watch; see aggregator/rollout.py), ``rollout status`` shows it, and ``promote`` / ``rollback`` act
+on it. Control calls send ``Authorization: Bearer`` with the token from ``--token-file`` or
+``$EDGELOOP_API_TOKEN``.
 """
 
 from __future__ import annotations
@@ -85,44 +91,66 @@ def keygen(force, data_dir) -> None:
 
 
 @models.command("train")
-@click.option("--profile", default="machine", show_default=True, help="Simulated profile to train on.")
+@click.option("--profile", default="machine", show_default=True, help="Profile to train for (simulated, or the devices' profile with --from-store).")
 @click.option("--version", "version", required=True, help="Version of the new model (e.g. 1.2.0).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Simulator and forest seed.")
-@click.option("--windows", default=2000, show_default=True, type=click.IntRange(2), help="Normal windows to train on.")
+@click.option("--windows", default=2000, show_default=True, type=click.IntRange(2), help="Normal windows to train on (simulated).")
 @click.option("--trees", default=100, show_default=True, type=click.IntRange(1), help="Trees in the isolation forest.")
 @click.option("--parent", "parent_version", help="Version this one replaces (default: the current champion).")
+@click.option("--from-store", is_flag=True, help="Train on the features the devices stored (the aggregator config's store).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Aggregator config naming the store (--from-store).")
+@click.option("--since", help="Start of the stored window: epoch seconds, ISO 8601, or an age like 7d / 12h / 30m.")
+@click.option("--until", help="End of the stored window (same forms; default: now).")
+@click.option("--supervised", is_flag=True, help="Train a failure predictor on labelled windows (--from-store).")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False), help="Labels file (default: <data-dir>/labels.sqlite).")
+@click.option("--horizon", default=0.0, show_default=True, type=click.FloatRange(0), help="Seconds before a fault that count as positive.")
+@click.option("--budget", default=120.0, show_default=True, type=click.FloatRange(0), help="Seconds the supervised search may spend.")
 @_DATA_DIR
-def train(profile, version, seed, windows, trees, parent_version, data_dir) -> None:
-    """Train an isolation forest on simulated normal data, sign it and add it to the registry."""
+def train(profile, version, seed, windows, trees, parent_version, from_store, config_path, since,
+          until, supervised, labels_path, horizon, budget, data_dir) -> None:
+    """Train a model, sign it and add it to the registry.
+
+    Without --from-store: an isolation forest on simulated normal data. With it: an isolation
+    forest on the stored, unflagged feature rows of PROFILE, or with --supervised a failure
+    predictor on them and the labels (see aggregator/labels.py).
+    """
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from aggregator.model_registry import RegistryError
     from models.signing import SignatureError, sign
 
+    if supervised and not from_store:
+        raise click.UsageError("--supervised trains on stored features: add --from-store")
     key = _private_key(data_dir)
     registry = _registry(data_dir)
     if parent_version is None:
         parent_version = registry.champion(profile)
+    champion = registry.get(profile, parent_version).manifest if parent_version else None
     console = Console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task(f"simulating {windows} normal windows", total=4)
-        from models.training import simulated_training_set, train_isolation_forest
+        task = progress.add_task("reading training data", total=4)
+        try:
+            if from_store:
+                onnx_bytes, manifest = _train_from_store(
+                    progress, task, profile=profile, version=version, seed=seed, trees=trees,
+                    parent_version=parent_version, champion=champion, config_path=config_path,
+                    since=since, until=until, supervised=supervised, labels_path=labels_path,
+                    horizon=horizon, budget=budget, data_dir=data_dir)
+            else:
+                from models.training import simulated_training_set, train_isolation_forest
 
-        try:
-            X, names = simulated_training_set(profile, seed, windows=windows)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        progress.update(task, advance=1, description=f"fitting {trees} trees on {X.shape[0]} rows")
-        try:
-            onnx_bytes, manifest = train_isolation_forest(
-                X, names, version=version, profile=profile, seed=seed, n_estimators=trees,
-                parent_version=parent_version, training_window=(0.0, X.shape[0] * 5.0),
-            )
-        except (ValueError, TypeError) as exc:  # msgspec rejects a malformed version
+                progress.update(task, description=f"simulating {windows} normal windows")
+                X, names = simulated_training_set(profile, seed, windows=windows)
+                progress.update(task, advance=1, description=f"fitting {trees} trees on {X.shape[0]} rows")
+                onnx_bytes, manifest = train_isolation_forest(
+                    X, names, version=version, profile=profile, seed=seed, n_estimators=trees,
+                    parent_version=parent_version, training_window=(0.0, X.shape[0] * 5.0),
+                )
+        except (ValueError, TypeError) as exc:  # too few rows, bad labels, a malformed version
             raise click.ClickException(f"cannot build model {version!r}: {exc}") from None
-        progress.update(task, advance=1, description="signing")
+        progress.update(task, completed=2, total=4, description="signing")
         try:
             manifest = sign(manifest, onnx_bytes, key)
         except SignatureError as exc:
@@ -135,6 +163,76 @@ def train(profile, version, seed, windows, trees, parent_version, data_dir) -> N
         progress.update(task, advance=1)
     click.echo(_summary(manifest))
     click.echo(f"stored in {path}")
+
+
+def _when(text, name):
+    """Seconds since the epoch from epoch seconds, ISO 8601 or an age ("7d", "12h", "30m", "45s")."""
+    import datetime as dt
+    import re
+    import time
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return time.time() - float(m.group(1)) * unit
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected epoch seconds, ISO 8601 or an age like 7d", param_hint=name) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.timestamp()
+
+
+def _train_from_store(progress, task, *, profile, version, seed, trees, parent_version, champion,
+                      config_path, since, until, supervised, labels_path, horizon, budget, data_dir):
+    """The --from-store half of ``train``: (onnx_bytes, manifest)."""
+    import time
+
+    from aggregator.service import load, open_store
+    from models.training import load_training_rows, train_isolation_forest
+
+    start, end = _when(since, "--since"), _when(until, "--until")
+    if end is None:
+        end = time.time()
+    cfg = load(config_path, **({"data_dir": data_dir} if data_dir else {}))
+    store = open_store(cfg)
+    try:
+        progress.update(task, description=f"reading {profile} features from the {store.name} store")
+        kw = {"feature_names": champion.feature_names, "feature_set": champion.feature_set} if champion else {}
+        rows = load_training_rows(store, profile, start, end, **kw)
+    finally:
+        store.close()
+    progress.update(task, advance=1)
+    if not supervised:
+        progress.update(task, description=f"fitting {trees} trees on {len(rows.devices)} stored rows")
+        return train_isolation_forest(
+            rows.matrix, rows.names, version=version, profile=profile, seed=seed, n_estimators=trees,
+            parent_version=parent_version, training_window=(float(rows.times[0]), float(rows.times[-1])),
+            feature_set=kw.get("feature_set", "basic-v1"))
+    from aggregator.labels import LABELS_FILE, LabelStore, window_labels
+    from models.supervised import train_supervised
+
+    path = labels_path or (_data_dir(data_dir) / LABELS_FILE)
+    with LabelStore(path) as labels:
+        found = labels.list()
+    if not found:
+        raise ValueError(f"no labels in {path}; add fault windows first")
+    y = window_labels(rows.times, rows.devices, found, horizon_s=horizon)
+
+    def report(message, done, total):
+        progress.update(task, description=f"{message} [{done}/{total} candidates]")
+
+    return train_supervised(
+        rows.matrix, y, rows.times, rows.names, version=version, profile=profile, seed=seed,
+        budget_s=budget, horizon_s=horizon, parent_version=parent_version, on_progress=report,
+        feature_set=kw.get("feature_set", "basic-v1"))
 
 
 @models.command("list")
@@ -195,14 +293,99 @@ def verify_(profile, version, data_dir) -> None:
     click.echo(f"model {profile}/{version}: signature and sha256 OK")
 
 
+_API = click.option("--api", "api_url", metavar="URL",  # no env default: offline unless asked
+                    help="Act on the running aggregator at this HTTP address instead of the registry in --data-dir.")
+_TOKEN = click.option("--token-file", type=click.Path(dir_okay=False),
+                      help="File holding the aggregator's API token (default: $EDGELOOP_API_TOKEN).")
+_TIMEOUT = click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 300),
+                        help="Seconds to wait for the aggregator.")
+
+
+def _token(token_file) -> str:
+    import os
+
+    if token_file:
+        try:
+            lines = open(token_file, encoding="utf-8").read().splitlines()
+        except OSError as exc:
+            raise click.ClickException(f"cannot read the API token from {token_file}: {exc.strerror or exc}") from None
+        if not lines or not lines[0].strip():
+            raise click.ClickException(f"{token_file} is empty; it should hold the aggregator's API token")
+        return lines[0].strip()
+    token = os.environ.get("EDGELOOP_API_TOKEN")
+    if not token:
+        raise click.ClickException("no API token: pass --token-file or set EDGELOOP_API_TOKEN")
+    return token
+
+
+def _api(api_url: str, method: str, path: str, *, body: dict | None = None, token: str | None = None,
+         timeout: float = 10.0):
+    """One JSON call to the aggregator API with the stdlib; failures are ClickExceptions naming the URL."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if "://" not in api_url:
+        api_url = f"http://{api_url}"
+    url = api_url.rstrip("/") + path
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error") or exc.reason
+        except Exception:
+            reason = exc.reason
+        raise click.ClickException(f"{method} {url} answered {exc.code}: {reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(f"cannot reach the aggregator API at {url}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError as exc:
+        raise click.ClickException(f"{url} did not answer JSON: {exc}") from None
+
+
+def _rollout_line(r: dict) -> str:
+    """One rollout as a few readable lines."""
+    lines = [f"{r['profile']}: {r['version']} (replacing {r['previous']})  {r['state'].upper()}"]
+    if r["state"] == "canary":
+        got = ", ".join(f"{d} {r['pairs'].get(d, 0)}/{r['gate_windows']}" for d in r["canaries"])
+        lines.append(f"  canaries   {got} paired windows")
+    if r.get("waves"):
+        lines.append(f"  waves      {' | '.join(', '.join(w) for w in r['waves'])}  (at wave {r['wave'] + 1})")
+    if r["state"] == "watching":
+        lines.append(f"  watching   {r['watch']}/{r['watch_windows']} windows of the new champion")
+    if r.get("rollback_version"):
+        lines.append(f"  rolled back to {r['rollback_version']}")
+    for reason in r.get("reasons") or []:
+        lines.append(f"  reason     {reason}")
+    if r.get("error"):
+        lines.append(f"  error      {r['error']}")
+    return "\n".join(lines)
+
+
 @models.command("promote")
 @click.argument("profile")
 @click.argument("version")
 @_DATA_DIR
-def promote(profile, version, data_dir) -> None:
-    """Make VERSION the champion of PROFILE."""
+@_API
+@_TOKEN
+@_TIMEOUT
+def promote(profile, version, data_dir, api_url, token_file, timeout) -> None:
+    """Make VERSION the champion of PROFILE (with --api: push the running rollout of VERSION forward)."""
     from aggregator.model_registry import RegistryError
 
+    if api_url:
+        status = _api(api_url, "POST", f"/api/rollouts/{profile}/promote", body={"version": version},
+                      token=_token(token_file), timeout=timeout)
+        click.echo(_rollout_line(status))
+        return
     registry = _registry(data_dir)
     try:
         entry = registry.get(profile, version)
@@ -218,37 +401,79 @@ def promote(profile, version, data_dir) -> None:
 @models.command("rollback")
 @click.argument("profile")
 @_DATA_DIR
-def rollback(profile, data_dir) -> None:
-    """Make PROFILE's previous champion the champion again, as a signed rollback entry."""
-    import time
-
-    import msgspec
-
+@_API
+@_TOKEN
+@_TIMEOUT
+def rollback(profile, data_dir, api_url, token_file, timeout) -> None:
+    """Make PROFILE's previous champion the champion again, as a signed rollback entry
+    (with --api: stop or roll back the running rollout on every device)."""
     from aggregator.model_registry import RegistryError
-    from models.signing import SignatureError, sign
+    from aggregator.model_rollback import signed_rollback
+    from models.signing import SignatureError
 
+    if api_url:
+        status = _api(api_url, "POST", f"/api/rollouts/{profile}/rollback", body={},
+                      token=_token(token_file), timeout=timeout)
+        click.echo(_rollout_line(status))
+        return
     registry = _registry(data_dir)
-    current, previous = registry.champion(profile), registry.previous_champion(profile)
-    if previous is None:
+    if registry.previous_champion(profile) is None:
         raise click.ClickException(
             f"profile {profile!r} has no previous champion to roll back to (history: {registry.history(profile) or 'empty'})"
         )
     key = _private_key(data_dir)
     try:
-        prev = registry.get(profile, previous)
-        base = previous.split("+", 1)[0]
-        stored = {m.version for m in registry.list(profile)}
-        n = 1
-        while f"{base}+rollback.{n}" in stored:
-            n += 1
-        manifest = msgspec.structs.replace(
-            prev.manifest, version=f"{base}+rollback.{n}", rollback_of=current, parent_version=previous,
-            created=time.time(), signature=None,
-        )
-        onnx_bytes = prev.onnx_bytes()
-        manifest = sign(manifest, onnx_bytes, key)
-        registry.add(onnx_bytes, manifest)
-        registry.rollback(profile, via=manifest.version)
+        result = signed_rollback(registry, profile, key)
     except (RegistryError, SignatureError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{profile}: champion {current} -> {manifest.version} (signed rollback to {previous})")
+    click.echo(f"{profile}: champion {result.current} -> {result.version} (signed rollback to {result.previous})")
+
+
+@models.command("push")
+@click.argument("profile")
+@click.argument("version")
+@click.option("--canary", type=click.IntRange(1), help="Canary devices that run VERSION in shadow first (default 1).")
+@click.option("--share", type=click.FloatRange(0, 1, min_open=True), help="Or: this share of PROFILE's devices.")
+@click.option("--api", "api_url", metavar="URL", envvar="EDGELOOP_API", default="http://127.0.0.1:8080",
+              show_default=True, help="The aggregator's HTTP address (env EDGELOOP_API).")
+@_TOKEN
+@_TIMEOUT
+def push(profile, version, canary, share, api_url, token_file, timeout) -> None:
+    """Start rolling VERSION out to PROFILE's devices: shadow on canaries, gate, waves, watch."""
+    if canary is not None and share is not None:
+        raise click.UsageError("give --canary or --share, not both")
+    body: dict = {"profile": profile, "version": version}
+    if canary is not None:
+        body["canary"] = canary
+    if share is not None:
+        body["share"] = share
+    status = _api(api_url, "POST", "/api/rollouts", body=body, token=_token(token_file), timeout=timeout)
+    click.echo(_rollout_line(status))
+    click.echo(f"follow it with: edgeloop models rollout status --api {api_url}")
+
+
+@models.group("rollout")
+def rollout() -> None:
+    """Rollouts on a running aggregator."""
+
+
+@rollout.command("status")
+@click.option("--profile", help="Only this profile.")
+@click.option("--api", "api_url", metavar="URL", envvar="EDGELOOP_API", default="http://127.0.0.1:8080",
+              show_default=True, help="The aggregator's HTTP address (env EDGELOOP_API).")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON as it is.")
+@_TIMEOUT
+def rollout_status(profile, api_url, as_json, timeout) -> None:
+    """Each profile's last rollout: state, canary evidence, waves, reasons."""
+    import json
+
+    data = _api(api_url, "GET", "/api/rollouts", timeout=timeout)
+    rollouts = [r for r in data.get("rollouts", []) if profile is None or r.get("profile") == profile]
+    if as_json:
+        click.echo(json.dumps(rollouts, indent=2))
+        return
+    if not rollouts:
+        click.echo("no rollouts" + (f" of profile {profile!r}" if profile else ""))
+        return
+    for r in rollouts:
+        click.echo(_rollout_line(r))
