@@ -45,6 +45,10 @@ __all__ = [
     "simulated_windows",
     "simulated_training_set",
     "write_model",
+    "MIN_STORE_ROWS",
+    "agent_feature_order",
+    "load_training_rows",
+    "train_from_store",
 ]
 
 #: Opsets of the exported graphs: the default domain and ai.onnx.ml (TreeEnsembleRegressor v3).
@@ -183,15 +187,100 @@ def write_model(directory: str | os.PathLike, onnx_bytes: bytes, manifest: Manif
     return d
 
 
+# -- stored data ----------------------------------------------------------------------------------
+
+#: Fewer stored feature rows than this and :func:`train_from_store` refuses: a forest of a few
+#: dozen windows has seen too little of the normal regime to tell it from a fault.
+MIN_STORE_ROWS = 200
+
+
+def agent_feature_order(names: Sequence[str], profile: str) -> list[str]:
+    """The order the profile's agents compute ``names`` in, when it can be known here.
+
+    Stores cannot keep a feature vector's order (InfluxDB returns fields sorted), but an agent
+    refuses a model whose ``feature_names`` differ from its own, order included. For a simulated
+    profile whose features are exactly ``basic-v1`` of its channels that order is the one of
+    :func:`models.features.feature_names`; otherwise the names come back sorted, and the caller
+    should pass the order explicitly (e.g. the champion's ``feature_names``).
+    """
+    try:
+        sim = make_simulator(profile, seed=0)
+    except ValueError:
+        return sorted(names)
+    expected = features.feature_names(sim.channels)
+    return expected if set(expected) == set(names) else sorted(names)
+
+
+def load_training_rows(
+    store,
+    profile: str,
+    start: float | None,
+    end: float | None,
+    *,
+    feature_names: Sequence[str] | None = None,
+    feature_set: str = features.FEATURE_SET,
+    min_rows: int = MIN_STORE_ROWS,
+    limit: int | None = None,
+):
+    """Unflagged feature rows of ``profile`` from ``store`` (a ``base.Store``), columns in
+    ``feature_names`` order (default: :func:`agent_feature_order` of the stored names).
+
+    Refuses with a ValueError that says what was found when fewer than ``min_rows`` remain.
+    """
+    kw = {} if limit is None else {"limit": limit}
+    rows = store.feature_rows(profile, start, end, feature_set=feature_set,
+                              names=feature_names, exclude_flagged=True, **kw)
+    if feature_names is None and rows.names:
+        order = agent_feature_order(rows.names, profile)
+        pos = {n: k for k, n in enumerate(rows.names)}
+        rows = rows._replace(names=order, matrix=rows.matrix[:, [pos[n] for n in order]])
+    if len(rows.devices) < min_rows:
+        span = f"[{start}, {end})" if start is not None or end is not None else "all time"
+        raise ValueError(
+            f"only {len(rows.devices)} unflagged {feature_set} feature rows of profile "
+            f"{profile!r} in {span} in the {getattr(store, 'name', 'store')} store; need at least "
+            f"{min_rows}: widen --since/--until or let the devices run longer"
+        )
+    return rows
+
+
+def train_from_store(
+    store,
+    profile: str,
+    start: float | None,
+    end: float | None,
+    *,
+    version: str,
+    feature_names: Sequence[str] | None = None,
+    feature_set: str = features.FEATURE_SET,
+    min_rows: int = MIN_STORE_ROWS,
+    limit: int | None = None,
+    **train_kw,
+) -> tuple[bytes, Manifest]:
+    """An isolation forest on the store's unflagged feature rows of ``profile`` in [start, end).
+
+    ``training_window`` is the time span of the rows used; ``train_kw`` go to
+    :func:`train_isolation_forest` (seed, n_estimators, parent_version, converter, ...).
+    """
+    rows = load_training_rows(store, profile, start, end, feature_names=feature_names,
+                              feature_set=feature_set, min_rows=min_rows, limit=limit)
+    train_kw.setdefault("seed", 0)
+    onnx_bytes, manifest = train_isolation_forest(
+        rows.matrix, rows.names, version=version, profile=profile, feature_set=feature_set,
+        training_window=(float(rows.times[0]), float(rows.times[-1])), **train_kw,
+    )
+    manifest.metrics["train_devices"] = float(len(set(rows.devices)))
+    return onnx_bytes, manifest
+
+
 # -- simulated data -------------------------------------------------------------------------------
 
 
-def make_simulator(profile: str, *, seed: int, rate_hz: float = 10.0, faults=()):
-    """A simulator for ``profile`` (only ``machine`` so far)."""
-    if profile not in _SIMULATORS:
-        raise ValueError(f"unknown simulator profile {profile!r}; known: {sorted(_SIMULATORS)}")
-    module = importlib.import_module(_SIMULATORS[profile])
-    return module.create(seed=seed, rate_hz=rate_hz, faults=faults)
+def make_simulator(profile: str, *, seed: int, rate_hz: float = 10.0, faults=(), drift=()):
+    """A simulator for ``profile`` (``machine``, ``cold-chain``, ``wearable``: :mod:`simulators.profiles`)."""
+    from simulators import profiles
+
+    return profiles.create(profile, seed=seed, rate_hz=rate_hz, faults=faults, drift=drift)
 
 
 def simulated_windows(

@@ -651,3 +651,70 @@ def test_sqlite_size_cap_deletes_oldest_telemetry_first(tmp_path):
             120,
             40,
         )
+
+
+# -- feature_rows: what training reads (same answers on every store) ----------------------------
+
+
+def feature_msg(device, seq, t, values, *, flags=0, profile="pump", feature_set="fs1", names=None):
+    return Features(
+        v=1, device=device, seq=seq, ts=t, profile=profile, feature_set=feature_set,
+        window_start=t - 5.0, window_end=t, names=names or ["b_mean", "a_std"], values=values,
+        flags=flags,
+    )
+
+
+def test_feature_rows_leave_out_flagged_windows_and_other_profiles(store):
+    t0 = 1_700_000_000.0
+    batch = [
+        feature_msg("d1", 1, t0 + 5, [1.5, 0.25]),
+        feature_msg("d2", 1, t0 + 10, [2.5, 0.125]),
+        feature_msg("d1", 2, t0 + 15, [99.0, 99.0], flags=4),  # a flagged window
+        feature_msg("d1", 3, t0 + 20, [3.5, 1e-300]),
+        feature_msg("d3", 1, t0 + 12, [7.0, 7.0], profile="fan"),
+        feature_msg("d3", 2, t0 + 13, [8.0, 8.0], feature_set="fs2"),
+    ]
+    assert store.write(batch).rejected == []
+    times, devices, names, X = store.feature_rows("pump", t0, t0 + 100, feature_set="fs1")
+    assert names == ["a_std", "b_mean"]  # no names asked for: sorted
+    assert devices == ["d1", "d2", "d1"]
+    assert times.tolist() == [t0 + 5, t0 + 10, t0 + 20]
+    assert X.tolist() == [[0.25, 1.5], [0.125, 2.5], [1e-300, 3.5]]  # exact floats
+    assert 99.0 not in X
+    rows = store.feature_rows("pump", None, None, feature_set="fs1", exclude_flagged=False,
+                              names=["b_mean", "a_std"])
+    assert rows.names == ["b_mean", "a_std"] and rows.matrix[:, 0].tolist() == [1.5, 2.5, 99.0, 3.5]
+    assert store.feature_rows("fan", None, None, feature_set="fs1").matrix.tolist() == [[7.0, 7.0]]
+    assert store.feature_rows("fan", None, None, feature_set="fs2").devices == []
+
+
+def test_feature_rows_range_limit_and_missing_columns(store):
+    t0 = 1_700_000_000.0
+    batch = [feature_msg("d1", k, t0 + k, [float(k), -float(k)]) for k in range(1, 11)]
+    batch.append(feature_msg("d2", 1, t0 + 4.5, [1.0], names=["b_mean"]))  # lacks a_std
+    assert store.write(batch).rejected == []
+    rows = store.feature_rows("pump", t0 + 3, t0 + 8, feature_set="fs1", names=["b_mean", "a_std"])
+    assert rows.times.tolist() == [t0 + k for k in range(3, 8)]  # [start, end), d2 left out
+    newest = store.feature_rows("pump", None, None, feature_set="fs1", names=["b_mean"], limit=3)
+    assert newest.matrix[:, 0].tolist() == [8.0, 9.0, 10.0]
+    assert newest.matrix.shape == (3, 1)
+    empty = store.feature_rows("pump", t0 + 50, t0 + 60, feature_set="fs1")
+    assert empty.matrix.shape == (0, 0) and empty.names == [] and empty.times.size == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"profile": "a b"}, "invalid profile"),
+        ({"feature_set": "x'; DROP"}, "invalid feature_set"),
+        ({"names": ['a" FROM x']}, "invalid feature name"),
+        ({"names": ["seq"]}, "invalid feature name"),
+        ({"names": ["a", "a"]}, "repeats"),
+        ({"limit": 0}, "invalid limit"),
+        ({"start": 10.0, "end": 5.0}, "invalid range"),
+    ],
+)
+def test_feature_rows_refuse_bad_arguments(store, kwargs, message):
+    args = {"profile": "pump", "start": None, "end": None, "feature_set": "fs1", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        store.feature_rows(args.pop("profile"), args.pop("start"), args.pop("end"), **args)

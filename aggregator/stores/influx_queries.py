@@ -15,7 +15,7 @@ from typing import Any
 from .base import StoreError, TelemetryRow
 from .lineproto import MEASUREMENTS
 from .queries import check_device, check_field, check_profile, check_range, check_series
-from .queries import empty_aggregates
+from .queries import check_limit, check_window_series, empty_aggregates
 
 __all__ = ["InfluxQueries"]
 
@@ -166,6 +166,75 @@ class InfluxQueries:
             if n:
                 out.setdefault(tags["device"], {})[tags["severity"]] = n
         return out
+
+    # -- the dashboard's device page ----------------------------------------------------------
+
+    def window_series(self, kind, device, field, start, end, every_s=60.0, agg="mean"):
+        q = check_window_series(kind, device, field, start, end, every_s, agg)
+        where = '"device" = $device AND time >= $start AND time < $end'
+        params: dict[str, Any] = {"device": q.device, "start": q.start_us * 1000, "end": q.end_us * 1000}
+        if kind == "inference":
+            where += ' AND "role" = $role'
+            params["role"] = "champion"
+        statement = (
+            f'SELECT {q.agg}("{q.field}") FROM "{kind}" WHERE {where}'
+            f" GROUP BY time({q.every_us}u) fill(none)"
+        )
+        return [
+            (t / 1e6, float(v))
+            for series in self.query(statement, params)
+            for t, v in series.get("values") or []
+            if v is not None
+        ]
+
+    def recent_alerts(self, start=None, end=None, device=None, limit=100):
+        start, end = check_range(start, end)
+        check_limit(limit)
+        where: list[str] = []
+        params: dict[str, Any] = {}
+        _time_where(start, end, where, params)
+        if device is not None:
+            where.append('"device" = $device')
+            params["device"] = check_device(device)
+        statement = (
+            'SELECT "device", "seq", "profile", "rule", "severity", "value", "message"'
+            f' FROM "alerts"{_clause(where)} ORDER BY time DESC LIMIT {int(limit)}'
+        )
+        out = []
+        for series in self.query(statement, params):
+            cols = series["columns"]
+            for v in series.get("values") or []:
+                row = dict(zip(cols, v))
+                out.append({
+                    "device": row["device"], "seq": row["seq"], "time": row["time"] / 1e6,
+                    "profile": row["profile"] or "", "rule": row["rule"], "severity": row["severity"],
+                    "value": float(row["value"]), "message": row["message"] or "",
+                })
+        return out
+
+    def model_changes(self, device, start=None, end=None):
+        check_device(device)
+        start, end = check_range(start, end)
+        where, params = ['"device" = $device', '"role" = $role'], {"device": device, "role": "champion"}
+        _time_where(start, end, where, params)
+        statement = f'SELECT FIRST("score") FROM "inference"{_clause(where)} GROUP BY "model_version"'
+        changes = [
+            (row[0] / 1e6, (series.get("tags") or {}).get("model_version", ""))
+            for series in self.query(statement, params)
+            for row in series.get("values") or []
+        ]
+        return sorted(changes)
+
+    def device_fields(self, device):
+        check_device(device)
+        statement = 'SELECT * FROM "features" WHERE "device" = $device ORDER BY time DESC LIMIT 1'
+        meta = {"time", "device", "profile", "feature_set", "seq", "flags"}
+        features: list[str] = []
+        for series in self.query(statement, {"device": device}):
+            cols = series["columns"]
+            for v in (series.get("values") or [])[:1]:
+                features = [c for c, x in zip(cols, v) if c not in meta and x is not None]
+        return {"telemetry": sorted(self.latest(device).get("values", {})), "features": sorted(features)}
 
     # -- time guard and downsampling ----------------------------------------------------------
 

@@ -30,6 +30,11 @@ __all__ = [
     "check_range",
     "check_series",
     "empty_aggregates",
+    "WINDOW_KINDS",
+    "INFERENCE_FIELDS",
+    "MAX_ALERTS",
+    "check_window_series",
+    "check_limit",
 ]
 
 #: Aggregates ``series`` offers (the InfluxQL function of the same name).
@@ -122,3 +127,31 @@ def check_series(
 def empty_aggregates() -> dict:
     """What ``fleet_aggregates`` answers when no reading matches."""
     return {"mean": None, "min": None, "max": None, "count": 0}
+
+
+# -- dashboard reads beyond telemetry (``window_series``, ``recent_alerts``, ...) -----------------
+
+#: Measurements ``window_series`` charts besides telemetry: feature vectors and champion verdicts.
+WINDOW_KINDS = ("features", "inference")
+#: The inference fields ``window_series`` may chart.
+INFERENCE_FIELDS = ("score", "latency_us")
+#: At most this many alerts per ``recent_alerts`` call.
+MAX_ALERTS = 1000
+
+
+def check_window_series(
+    kind: object, device: object, field: object, start: object, end: object, every_s: object,
+    agg: object,
+) -> SeriesQuery:
+    """``check_series`` for a feature (``kind`` "features") or an inference field."""
+    if kind not in WINDOW_KINDS:
+        raise ValueError(f"invalid kind {kind!r}: expected one of {', '.join(WINDOW_KINDS)}")
+    if kind == "inference" and field not in INFERENCE_FIELDS:
+        raise ValueError(f"invalid field {field!r}: inference has {', '.join(INFERENCE_FIELDS)}")
+    return check_series(device, field, start, end, every_s, agg)
+
+
+def check_limit(limit: object, maximum: int = MAX_ALERTS) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
+        raise ValueError(f"invalid limit {limit!r}: expected an integer from 1 to {maximum}")
+    return limit

@@ -14,13 +14,16 @@ from typing import Any
 
 import msgspec
 
+from .base import DEFAULT_FEATURE_LIMIT, check_feature_query, finish_feature_rows
 from .queries import check_device, check_field, check_profile, check_range, check_series
-from .queries import empty_aggregates
+from .queries import check_limit, check_window_series, empty_aggregates
 
 __all__ = ["SQLiteQueries"]
 
 _SQL_AGG = {"mean": "AVG", "min": "MIN", "max": "MAX"}
 _values = msgspec.json.Decoder(list[float | None]).decode
+_names = msgspec.json.Decoder(list[str]).decode
+_floats = msgspec.json.Decoder(list[float]).decode
 
 
 def _us(t: float) -> int:
@@ -118,3 +121,82 @@ class SQLiteQueries:
         for device, severity, n in self._read(sql, params):
             out.setdefault(device, {})[severity] = n
         return out
+
+    # -- the dashboard's device page ----------------------------------------------------------
+
+    def window_series(self, kind, device, field, start, end, every_s=60.0, agg="mean"):
+        q = check_window_series(kind, device, field, start, end, every_s, agg)
+        if kind == "inference":
+            # The column name comes from the fixed INFERENCE_FIELDS, never from the caller's text.
+            column = {"score": "score", "latency_us": "latency_us"}[q.field]
+            inner = f"SELECT (t_us / ?) * ? AS b, {column} AS v FROM inference WHERE role='champion'"
+            args: list[Any] = [q.every_us, q.every_us]
+        else:
+            # A feature's position differs between feature sets: find it in each row's names.
+            inner = (
+                "SELECT (t_us / ?) * ? AS b, (SELECT j.value FROM json_each(vals) j WHERE j.key ="
+                " (SELECT n.key FROM json_each(names) n WHERE n.value = ?)) AS v FROM features WHERE 1"
+            )
+            args = [q.every_us, q.every_us, q.field]
+        sql = (
+            f"SELECT b, {_SQL_AGG[q.agg]}(v) FROM ({inner} AND device=? AND t_us>=? AND t_us<?)"
+            " WHERE v IS NOT NULL GROUP BY b ORDER BY b"
+        )
+        rows = self._read(sql, [*args, q.device, q.start_us, q.end_us])
+        return [(b / 1e6, float(v)) for b, v in rows]
+
+    def recent_alerts(self, start=None, end=None, device=None, limit=100):
+        start, end = check_range(start, end)
+        check_limit(limit)
+        where, params = _time_clause(start, end)
+        if device is not None:
+            check_device(device)
+            where += " AND device=?"
+            params.append(device)
+        sql = (
+            "SELECT device, seq, t_us, profile, rule, severity, value, message FROM alerts"
+            f" WHERE 1{where} ORDER BY t_us DESC, device, seq DESC LIMIT ?"
+        )
+        keys = ("device", "seq", "time", "profile", "rule", "severity", "value", "message")
+        out = []
+        for row in self._read(sql, [*params, limit]):
+            alert = dict(zip(keys, row))
+            alert["time"] /= 1e6
+            out.append(alert)
+        return out
+
+    def model_changes(self, device, start=None, end=None):
+        check_device(device)
+        start, end = check_range(start, end)
+        where, params = _time_clause(start, end)
+        sql = (
+            "SELECT MIN(t_us), model_version FROM inference WHERE role='champion' AND device=?"
+            f"{where} GROUP BY model_version ORDER BY 1"
+        )
+        return [(t / 1e6, version) for t, version in self._read(sql, [device, *params])]
+
+    def device_fields(self, device):
+        check_device(device)
+        rows = self._read(
+            "SELECT names FROM features WHERE device=? ORDER BY t_us DESC, seq DESC LIMIT 1",
+            (device,),
+        )
+        features = sorted(msgspec.json.decode(rows[0][0])) if rows else []
+        return {"telemetry": sorted(self.latest(device).get("values", {})), "features": features}
+
+    def feature_rows(self, profile, start, end, *, feature_set, names=None, exclude_flagged=True,
+                     limit=DEFAULT_FEATURE_LIMIT):
+        q = check_feature_query(profile, start, end, feature_set, names, exclude_flagged, limit)
+        where, params = _time_clause(q.start, q.end)
+        if q.exclude_flagged:
+            where += " AND flags=0"
+        sql = (
+            "SELECT t_us, device, seq, names, vals FROM features WHERE profile=? AND feature_set=?"
+            f"{where} ORDER BY t_us DESC, device DESC, seq DESC LIMIT ?"
+        )
+        rows = [
+            (t_us, device, seq, dict(zip(_names(n), _floats(v))))
+            for t_us, device, seq, n, v in self._read(sql, [q.profile, q.feature_set, *params,
+                                                            q.limit])
+        ]
+        return finish_feature_rows(q, rows)

@@ -1,0 +1,225 @@
+"""Retraining: watch each profile's features for drift and train, sign and register a new model.
+
+:class:`DriftMonitor` compares the champion's training window (``manifest.training_window``, read
+back from the store) with the last ``recent_s`` seconds of stored features, per feature, with
+:func:`models.drift.drift_report`. :class:`Retrainer` runs it on a schedule (a thread, every
+``check_every_s``) and trains a new isolation forest from the last ``train_s`` seconds of stored,
+unflagged features when
+
+* the drift is above ``drift_threshold`` (PSI), or
+* ``schedule_s`` has passed since the profile's last model (None: never on time alone), or
+* someone asks: :meth:`Retrainer.retrain_now`.
+
+The new model is compared with the champion on the recent window (:func:`models.evaluation.compare`,
+stored in its manifest's metrics), signed, added to the registry as the next version with the
+champion as parent, and handed to ``on_new_model(profile, version)``: the rollout manager decides
+whether and how it reaches devices. The retrainer never promotes.
+
+Times: the drift and training windows are device times from the store, counted back from
+``clock()`` (default ``time.time``); the schedule compares the wall clock with the newest model's
+``manifest.created``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from aggregator.model_registry import ModelRegistry
+from models.drift import DEFAULT_PSI_THRESHOLD, DriftReport, drift_report
+from models.features import FEATURE_SET
+from models.signing import load_private_key, sign, version_key
+
+__all__ = ["DriftMonitor", "Retrainer", "RetrainDecision", "next_version"]
+
+log = logging.getLogger(__name__)
+
+
+def next_version(versions: Sequence[str]) -> str:
+    """A version newer than all of ``versions`` (by ``version_key``): the newest one with its last
+    numeric part incremented (``1.2.0`` -> ``1.2.1``, build suffix dropped), ``.1`` appended when
+    it has none, ``1.0.0`` when there is none."""
+    if not versions:
+        return "1.0.0"
+    newest = max(versions, key=version_key).split("+", 1)[0]
+    parts = newest.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        if parts[k].isdigit():
+            parts[k] = str(int(parts[k]) + 1)
+            return ".".join(parts[: k + 1] + ["0"] * (len(parts) - k - 1))
+    return newest + ".1"
+
+
+class DriftMonitor:
+    """Drift of a profile's recent features against its champion's training window."""
+
+    def __init__(
+        self, store, models: ModelRegistry, *, recent_s: float = 3600.0,
+        psi_threshold: float = DEFAULT_PSI_THRESHOLD, min_rows: int = 50,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.models = store, models
+        self.recent_s, self.psi_threshold, self.min_rows = recent_s, psi_threshold, min_rows
+        self.clock = clock
+
+    def check(self, profile: str) -> DriftReport | None:
+        """The drift report, or None when there is no champion or too few rows to judge."""
+        champion = self.models.champion(profile)
+        if champion is None:
+            return None
+        manifest = self.models.get(profile, champion).manifest
+        lo, hi = manifest.training_window
+        now = self.clock()
+        kw = {"feature_set": manifest.feature_set, "names": manifest.feature_names}
+        reference = self.store.feature_rows(profile, lo, hi + 1e-6, **kw) if hi > lo else None
+        recent = self.store.feature_rows(profile, max(0.0, now - self.recent_s), now, **kw)
+        if reference is None or min(len(reference.devices), len(recent.devices)) < self.min_rows:
+            log.info("drift %s: too few rows to judge (champion %s)", profile, champion)
+            return None
+        return drift_report(reference.matrix, recent.matrix, manifest.feature_names,
+                            psi_threshold=self.psi_threshold)
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    """Why a profile was (or was not) retrained in one check; ``version`` if it was."""
+
+    profile: str
+    reason: str  # "drift", "schedule", "manual" or "none"
+    drift: DriftReport | None = None
+    version: str | None = None
+
+
+class Retrainer:
+    """Check drift per profile on a schedule; train, sign and register when it is time."""
+
+    def __init__(
+        self,
+        store,
+        models: ModelRegistry,
+        signing_key,
+        *,
+        profiles: Sequence[str] = ("machine",),
+        schedule_s: float | None = None,
+        drift_threshold: float = DEFAULT_PSI_THRESHOLD,
+        on_new_model: Callable[[str, str], None] | None = None,
+        check_every_s: float = 300.0,
+        recent_s: float = 3600.0,
+        train_s: float = 86400.0,
+        min_rows: int = 200,
+        n_estimators: int = 100,
+        seed: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.models = store, models
+        self._key = load_private_key(signing_key)
+        self.profiles = list(profiles)
+        self.schedule_s, self.check_every_s = schedule_s, check_every_s
+        self.train_s, self.min_rows, self.n_estimators, self.seed = train_s, min_rows, n_estimators, seed
+        self.recent_s = recent_s
+        self.on_new_model = on_new_model
+        self.clock = clock
+        self.monitor = DriftMonitor(store, models, recent_s=recent_s,
+                                    psi_threshold=drift_threshold, clock=clock)
+        self._lock = threading.Lock()  # one training at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last: dict[str, RetrainDecision] = {}
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def check(self, profile: str) -> RetrainDecision:
+        """Check one profile now and retrain it if drift or the schedule says so."""
+        report = self.monitor.check(profile)
+        if report is not None and report.drifted:
+            log.info("drift %s: %s", profile, report.verdict)
+            decision = RetrainDecision(profile, "drift", report, self._train(profile, report))
+        elif self._due(profile):
+            decision = RetrainDecision(profile, "schedule", report, self._train(profile, report))
+        else:
+            decision = RetrainDecision(profile, "none", report)
+        self.last[profile] = decision
+        return decision
+
+    def retrain_now(self, profile: str) -> str:
+        """Train, sign and register a new model of ``profile`` now; its version."""
+        version = self._train(profile, None)
+        self.last[profile] = RetrainDecision(profile, "manual", None, version)
+        return version
+
+    def run_once(self) -> list[RetrainDecision]:
+        """One pass over every profile; a profile that fails is logged and skipped."""
+        out = []
+        for profile in self.profiles:
+            try:
+                out.append(self.check(profile))
+            except Exception:  # one profile's trouble must not stop the others' checks
+                log.exception("retraining check of profile %s failed", profile)
+        return out
+
+    def _due(self, profile: str) -> bool:
+        if self.schedule_s is None:
+            return False
+        latest = self.models.latest(profile)
+        # Wall-clock time, like ``manifest.created``; ``clock`` is for the data's device times.
+        return latest is None or time.time() - latest.manifest.created >= self.schedule_s
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _train(self, profile: str, report: DriftReport | None) -> str:
+        from edge_agent.inference import Model
+        from models.evaluation import compare
+        from models.training import train_from_store
+
+        with self._lock:
+            champion = self.models.champion(profile)
+            entry = self.models.get(profile, champion) if champion else None
+            names = entry.manifest.feature_names if entry else None
+            feature_set = entry.manifest.feature_set if entry else FEATURE_SET
+            version = next_version([m.version for m in self.models.list(profile)])
+            now = self.clock()
+            onnx_bytes, manifest = train_from_store(
+                self.store, profile, max(0.0, now - self.train_s), now, version=version,
+                feature_names=names, feature_set=feature_set, min_rows=self.min_rows,
+                seed=self.seed, n_estimators=self.n_estimators, parent_version=champion,
+            )
+            if report is not None:
+                manifest.metrics.update(report.as_metrics())
+            if entry is not None:
+                recent = self.store.feature_rows(
+                    profile, max(0.0, now - self.recent_s), now, feature_set=feature_set,
+                    names=manifest.feature_names)
+                if recent.devices:
+                    manifest.metrics.update(compare(
+                        Model.load((onnx_bytes, manifest)),
+                        Model.load((entry.onnx_bytes(), entry.manifest)), recent.matrix))
+            manifest = sign(manifest, onnx_bytes, self._key)
+            self.models.add(onnx_bytes, manifest)
+        log.info("retrained %s: %s (parent %s)", profile, version, champion)
+        if self.on_new_model is not None:
+            self.on_new_model(profile, version)
+        return version
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    def start(self) -> Retrainer:
+        """Check every profile every ``check_every_s`` in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise RuntimeError("retrainer already started")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="edgeloop-retrainer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.check_every_s):
+            self.run_once()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

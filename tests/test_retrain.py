@@ -1,0 +1,105 @@
+"""Drift-triggered, scheduled and manual retraining (aggregator/retrain.py) on a real SQLite store.
+
+Four simulated machines publish 3 h of normal features; the champion is trained on them. Then
+2 h more arrive, either of the same regime or with a half-size bearing wear on every machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator.model_registry import ModelRegistry
+from aggregator.retrain import Retrainer, next_version
+from aggregator.stores import SQLiteStore
+from edge_agent.inference import Model
+from models.features import feature_names
+from models.signing import generate_keypair, sign, verify
+from models.training import make_simulator, simulated_windows, train_from_store
+from simulators.machine import CHANNELS, Fault
+from tests.test_training import T0, store_windows
+from tests.waiting import wait_until
+
+MACHINES = range(4)
+REFERENCE, RECENT = 2200, 1440  # windows of 5 s per machine: ~3 h, then 2 h
+END = T0 + 5.0 * (REFERENCE + RECENT) + 1.0
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """(store, registry, private key path, public key bytes) with a signed champion 1.0.0."""
+    priv, pub = generate_keypair(tmp_path)
+    registry = ModelRegistry(tmp_path / "models")
+    with SQLiteStore(str(tmp_path / "store.sqlite")) as store:
+        for s in MACHINES:
+            X, _ = simulated_windows(make_simulator("machine", seed=s), windows=REFERENCE)
+            store_windows(store, f"m-{s}", X)
+        onnx_bytes, manifest = train_from_store(store, "machine", None, None, version="1.0.0",
+                                                n_estimators=20)
+        registry.add(onnx_bytes, sign(manifest, onnx_bytes, priv))
+        registry.promote("machine", "1.0.0")
+        yield store, registry, priv, pub.read_bytes()
+
+
+def publish_recent(store, faults=()):
+    for s in MACHINES:
+        sim = make_simulator("machine", seed=s, faults=faults)
+        X, _ = simulated_windows(sim, windows=RECENT, start=REFERENCE * 50)
+        store_windows(store, f"m-{s}", X, seq0=REFERENCE + 1, t0=T0 + 5.0 * REFERENCE)
+
+
+def retrainer(store, registry, priv, calls, **kw):
+    return Retrainer(store, registry, priv, profiles=["machine"], recent_s=5.0 * RECENT,
+                     n_estimators=20, on_new_model=lambda p, v: calls.append((p, v)),
+                     clock=lambda: END, **kw)
+
+
+def test_drift_produces_a_signed_registered_model_and_calls_back(setup):
+    store, registry, priv, pub = setup
+    publish_recent(store, [Fault("bearing_wear", 0.0, 1e7, size=0.5, ramp_s=0.0)])
+    calls = []
+    decision = retrainer(store, registry, priv, calls).check("machine")
+    assert decision.reason == "drift" and decision.drift.drifted
+    assert decision.version == "1.0.1" and calls == [("machine", "1.0.1")]
+    entry = registry.get("machine", "1.0.1")
+    verify(entry.manifest, entry.onnx_bytes(), pub)  # raises unless signed by our key
+    m = entry.manifest
+    assert m.parent_version == "1.0.0" and registry.champion("machine") == "1.0.0"  # not promoted
+    assert m.feature_names == feature_names(CHANNELS)
+    assert m.metrics["drift_max_psi"] > 1.0 and "delta_anomaly_rate" in m.metrics
+    assert m.metrics["champion_anomaly_rate"] > 0.5  # the champion alarms on the worn machines
+    assert m.training_window[1] == pytest.approx(END - 1.0)
+    Model.load(entry.path, feature_names=feature_names(CHANNELS))
+
+
+def test_same_regime_is_left_alone_until_asked(setup):
+    store, registry, priv, _ = setup
+    publish_recent(store)
+    calls = []
+    r = retrainer(store, registry, priv, calls)
+    decision = r.check("machine")
+    assert decision.reason == "none" and not decision.drift.drifted and decision.version is None
+    assert calls == [] and [m.version for m in registry.list("machine")] == ["1.0.0"]
+    assert r.retrain_now("machine") == "1.0.1" and calls == [("machine", "1.0.1")]
+    assert r.last["machine"].reason == "manual"
+
+
+def test_schedule_retrains_from_a_background_thread(setup):
+    store, registry, priv, _ = setup
+    publish_recent(store)
+    calls = []
+    r = retrainer(store, registry, priv, calls, schedule_s=0.0, check_every_s=0.05).start()
+    try:
+        wait_until(lambda: calls, timeout=60, what="a scheduled retrain")
+    finally:
+        r.stop()
+    assert calls[0] == ("machine", "1.0.1") and r.last["machine"].reason in ("schedule", "none")
+    assert registry.get("machine", "1.0.1").manifest.parent_version == "1.0.0"
+
+
+def test_next_version():
+    assert next_version([]) == "1.0.0"
+    assert next_version(["1.0.0", "1.2.0", "1.10.0"]) == "1.10.1"
+    assert next_version(["2.0.0+rollback.1"]) == "2.0.1"
+    assert next_version(["m-1"]) == "m-1.1"
+    assert next_version(["1.2.x"]) == "1.3.0"
