@@ -180,3 +180,31 @@ def test_missing_readings_are_none_at_the_asked_rate_and_deterministic():
     assert rows == [b.read(i, 0.0) for i in range(5000)]
     share = sum(v is None for row in rows for v in row) / (5000 * 4)
     assert 0.18 < share < 0.22
+
+
+def test_simulated_source_plays_every_profile_with_drift():
+    for profile in ("machine", "cold-chain", "wearable"):
+        source = create_source("simulated", {"profile": profile, "seed": 2,
+                                             "drift": [{"kind": "regime", "start_s": 0.0}]})
+        assert len(source.read(0, 0.0)) == len(source.channels) == 4
+    with pytest.raises(ValueError, match="unknown drift kind"):
+        create_source("simulated", {"drift": [{"kind": "winter", "start_s": 0.0}]})
+
+
+def test_simulated_source_observes_ground_truth_in_device_time():
+    faults = [{"kind": "sudden", "start_s": 1.0, "duration_s": 1.0}, {"kind": "bearing_wear", "start_s": 5.0,
+                                                                       "duration_s": 100.0}]
+    source = SimulatedSource(seed=1, rate_hz=10.0, faults=faults)
+    assert source.observed_faults()["faults"] == []
+    t = 1_000_000.0
+    for i in range(60):
+        if i == 15:
+            t += 7.0  # a clock step: ground truth follows the device's own clock
+        source.read(i, t)
+        t += 0.1
+    seen = source.observed_faults()
+    assert seen["start"] == 1_000_000.0 and seen["end"] == pytest.approx(1_000_000.0 + 6.0 + 7.0)
+    (sudden, wear) = seen["faults"]
+    assert sudden["kind"] == "sudden" and sudden["start"] == pytest.approx(1_000_001.0)
+    assert sudden["end"] == pytest.approx(1_000_002.0 + 7.0)
+    assert wear["start"] == pytest.approx(1_000_005.0 + 7.0) and wear["end"] == seen["end"]  # still active

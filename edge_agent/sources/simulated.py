@@ -4,6 +4,10 @@ The simulator module is imported only when a :class:`SimulatedSource` is built, 
 reading real sensors never loads it. Sample ``index`` of the sampler is sample ``index`` of the
 simulator: the same seed gives the same readings on every run, and the simulator's ``label``
 gives the ground truth for each one.
+
+:meth:`SimulatedSource.observed_faults` is the ground truth in *device time*: the source sees
+the timestamp the sampler gives each sample, so it records when each injected fault actually
+began and ended on this device's clock, whatever stalls or clock steps happened on the way.
 """
 
 from __future__ import annotations
@@ -16,8 +20,14 @@ from edge_agent.sources.base import Source
 
 __all__ = ["PROFILES", "SimulatedSource"]
 
-#: Profile name -> simulator module; each module offers ``create(seed, rate_hz, faults)``.
-PROFILES: dict[str, str] = {"machine": "simulators.machine"}
+#: Profile name -> simulator module; each module offers ``create(seed, rate_hz, faults, drift)``.
+#: Kept equal to :data:`simulators.profiles.PROFILES` by a test (listed here so that building
+#: the registry of sources imports nothing from ``simulators``).
+PROFILES: dict[str, str] = {
+    "machine": "simulators.machine",
+    "cold-chain": "simulators.cold_chain",
+    "wearable": "simulators.wearable",
+}
 _MASK = (1 << 64) - 1
 
 
@@ -31,11 +41,12 @@ def _unit_hash(seed: int, index: int, channel: int) -> float:
 
 
 class SimulatedSource(Source):
-    """Readings of a simulated machine.
+    """Readings of a simulated device.
 
     Options: ``profile`` (simulator, see :data:`PROFILES`), ``seed``, ``rate_hz`` (must equal the
     sampler's rate so that simulated time matches wall time), ``faults`` (a list of fault
-    dicts or ``simulators.machine.Fault`` objects) and ``missing`` (the probability, in [0, 1),
+    dicts or the profile's ``Fault`` objects), ``drift`` (a list of drift dicts, see
+    :mod:`simulators.base`) and ``missing`` (the probability, in [0, 1),
     that a channel's reading is dropped to ``None``; deterministic in seed and index too).
     """
 
@@ -48,6 +59,7 @@ class SimulatedSource(Source):
         rate_hz: float = 10.0,
         faults: Sequence[Any] = (),
         missing: float = 0.0,
+        drift: Sequence[Any] = (),
     ) -> None:
         module_name = PROFILES.get(profile)
         if module_name is None:
@@ -58,7 +70,7 @@ class SimulatedSource(Source):
             raise ValueError(f"option 'missing' must be in [0, 1), got {missing!r}")
         module = importlib.import_module(module_name)
         try:
-            self.simulator = module.create(seed=seed, rate_hz=rate_hz, faults=list(faults))
+            self.simulator = module.create(seed=seed, rate_hz=rate_hz, faults=list(faults), drift=list(drift))
         except TypeError as exc:
             raise ValueError(f"simulated source: bad fault or option: {exc}") from exc
         self.profile = profile
@@ -66,8 +78,22 @@ class SimulatedSource(Source):
         self.rate_hz = float(rate_hz)
         self.missing = float(missing)
         self.channels = tuple(self.simulator.channels)
+        # Sample indices where a fault begins or ends -> [(fault number, "start"|"end")].
+        self._edges: dict[int, list[tuple[int, str]]] = {}
+        for k, f in enumerate(self.simulator.faults):
+            for what, at in (("start", f.start_s), ("end", f.end_s)):
+                self._edges.setdefault(math.ceil(at * self.rate_hz - 1e-9), []).append((k, what))
+        self._seen: dict[int, dict[str, float]] = {}
+        self._first: tuple[int, float] | None = None
+        self._last: tuple[int, float] | None = None
 
     def read(self, index: int, now: float) -> list[float | None]:
+        if self._first is None:
+            self._first = (index, now)
+        self._last = (index, now)
+        if index in self._edges:
+            for k, what in self._edges[index]:
+                self._seen.setdefault(k, {}).setdefault(what, now)
         values: list[float | None] = self.simulator.sample(index)
         if self.missing:
             for j in range(len(values)):
@@ -78,3 +104,31 @@ class SimulatedSource(Source):
     def label(self, index: int) -> bool:
         """Ground truth: is a simulated fault active at sample ``index``?"""
         return self.simulator.label(index)
+
+    def observed_faults(self) -> dict:
+        """Ground truth in device time: ``{"start", "end", "faults", "drift"}``.
+
+        ``start``/``end`` span the samples read so far; each fault that began while the source
+        was read has ``start`` and ``end`` as device timestamps (``end`` is the last sample's time
+        plus one period if the fault had not ended yet). Faults before the first read or after
+        the last are left out; drift keeps its simulated-time fields plus ``start`` when seen.
+        """
+        if self._first is None or self._last is None:
+            return {"start": None, "end": None, "faults": [], "drift": []}
+        first_i, first_t = self._first
+        last_t = self._last[1] + 1.0 / self.rate_hz
+        truth = self.simulator.ground_truth()
+        faults = []
+        for k, (f, info) in enumerate(zip(self.simulator.faults, truth["faults"])):
+            seen = self._seen.get(k, {})
+            start = seen.get("start")
+            if start is None:
+                if not f.start_s * self.rate_hz <= first_i < f.end_s * self.rate_hz:
+                    continue  # never active while read
+                start = first_t  # active from before the first read
+            faults.append({**info, "start": start, "end": seen.get("end", last_t)})
+        drift = []
+        for d in truth["drift"]:
+            at = first_t + (d["start_s"] - first_i / self.rate_hz)
+            drift.append({**d, "start": at})
+        return {"start": first_t, "end": last_t, "faults": faults, "drift": drift}
