@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # Debian/Ubuntu packages the test-suite needs (real broker, real InfluxDB 1.x and its CLI).
-APT_PACKAGES := mosquitto mosquitto-clients influxdb influxdb-client
+APT_PACKAGES := mosquitto mosquitto-clients influxdb influxdb-client chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -29,7 +29,7 @@ demo: $(VENV)/.stamp-aggregator
 # Elsewhere install Mosquitto >= 2.0 and InfluxDB 1.x (influxd + influx) yourself; see README.
 system-deps:
 	@missing=""; \
-	for b in /usr/sbin/mosquitto /usr/bin/mosquitto_pub /usr/bin/influxd /usr/bin/influx; do \
+	for b in /usr/sbin/mosquitto /usr/bin/mosquitto_pub /usr/bin/influxd /usr/bin/influx /usr/bin/chromium /usr/bin/chromedriver; do \
 	  [ -x $$b ] || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $(APT_PACKAGES) (missing:$$missing)"; \

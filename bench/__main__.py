@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         results["e2e1"] = cases.aggregator_end_to_end(broker, influx, spec(broker.url, 1, 10_000))
         step("naive writer, 1 reading/message")
         results["naive"] = cases.naive_end_to_end(broker, influx, spec(broker.url, 1, 10_000))
+        step("API: /api/series over 24 h of 1 s data")
+        from bench import api as api_bench
+
+        results["api"] = api_bench.run(influx)
     step("isolation-forest inference: fused vs stock vs sklearn, agent memory")
     from bench import inference
 
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "Batch 1, one thread, the agent's session options; the same rows through every scorer. "
         "Target: fused p50 <= 20 µs; agent with champion and shadow loaded <= 64 MB.\n\n"
         + inference.tables(results["inference"]) + "\n"
+        + "\n## API latency\n\n" + api_bench.table(results["api"])
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

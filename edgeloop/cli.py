@@ -224,6 +224,76 @@ def _cell(value) -> str:
 
 
 @main.command()
+@click.argument("device")
+@click.option("--field", required=True, metavar="NAME", help="Channel, feature name, or score (with -m inference).")
+@click.option("-m", "--measurement", type=click.Choice(["telemetry", "features", "inference"]), default="telemetry",
+              show_default=True, help="Where the field lives.")
+@click.option("--since", default="1h", show_default=True, help="Start: 15m, 1h, 7d back, epoch seconds or ISO 8601.")
+@click.option("--until", default="now", show_default=True, help="End, in the same forms.")
+@click.option("--agg", type=click.Choice(["mean", "min", "max"]), default="mean", show_default=True,
+              help="How each interval is summarised.")
+@click.option("--rows", default=10, show_default=True, type=click.IntRange(0, 1000), help="Latest intervals listed.")
+@click.option("--api", "api_url", default="http://127.0.0.1:8080", show_default=True, envvar="EDGELOOP_API",
+              metavar="URL", help="The aggregator's HTTP address (env EDGELOOP_API).")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 120), help="Seconds to wait.")
+def metrics(device, field, measurement, since, until, agg, rows, api_url, timeout) -> None:
+    """Plot one field of DEVICE in the terminal: a sparkline, its range, and the latest values.
+
+    Reads the aggregator's /api/series (at most 1,000 intervals, chosen to fit the span).
+    """
+    from urllib.parse import urlencode
+
+    from rich.console import Console
+    from rich.table import Table
+
+    if "://" not in api_url:
+        api_url = f"http://{api_url}"
+    query = urlencode({"device": device, "field": field, "measurement": measurement, "since": since,
+                       "until": until, "agg": agg})
+    data = _get_json(f"{api_url.rstrip('/')}/api/series?{query}", timeout)
+    points = data.get("points") if isinstance(data, dict) else None
+    if not isinstance(points, list):
+        raise click.ClickException(f"{api_url} did not answer /api/series with points; is it an edgeloop aggregator?")
+    console = Console()
+    span = f"{_when(data['since'])} .. {_when(data['until'])}, {agg} per {data['every']:g} s"
+    if not points:
+        console.print(f"{device} {measurement}.{field}: no values in {span}")
+        return
+    values = [v for _, v in points]
+    width = max(10, min(len(values), console.width - 4, 120))
+    console.print(f"[bold]{device}[/] {measurement}.{field}: {len(values)} intervals, {span}")
+    console.print(f"[cyan]{_sparkline(values, width)}[/]")
+    console.print(f"min {min(values):.6g}  mean {sum(values) / len(values):.6g}  max {max(values):.6g}  "
+                  f"last {values[-1]:.6g}")
+    if rows:
+        table = Table(show_edge=False)
+        table.add_column("time")
+        table.add_column(f"{agg} {field}", justify="right")
+        for t, v in points[-rows:]:
+            table.add_row(_when(t), f"{v:.6g}")
+        console.print(table)
+
+
+def _when(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _sparkline(values: list[float], width: int) -> str:
+    """``values`` averaged into ``width`` columns, each drawn as one of eight block heights."""
+    bars = "▁▂▃▄▅▆▇█"
+    cols = []
+    for k in range(width):
+        part = values[k * len(values) // width:max((k + 1) * len(values) // width, k * len(values) // width + 1)]
+        cols.append(sum(part) / len(part))
+    lo, hi = min(cols), max(cols)
+    if hi == lo:
+        return bars[3] * width
+    return "".join(bars[min(7, int((c - lo) / (hi - lo) * 8))] for c in cols)
+
+
+@main.command()
 @click.option("--devices", default=5, show_default=True, type=click.IntRange(1, 1000), help="Simulated devices.")
 @click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(5, 86400), help="Seconds of sampling.")
 @click.option("--rate", default=10.0, show_default=True, type=click.FloatRange(0.1, 1000), help="Samples per second per device.")
@@ -257,10 +327,13 @@ def _register_commands() -> None:
     """Command groups that live in their own modules (each imports its heavy parts lazily)."""
     from edgeloop.cli_devices import broker_config, devices
     from edgeloop.cli_models import models
+    from edgeloop.cli_simulate import score, simulate
 
     main.add_command(devices)
     main.add_command(broker_config)
     main.add_command(models)
+    main.add_command(simulate)
+    main.add_command(score)
 
 
 _register_commands()

@@ -184,16 +184,17 @@ def test_quarantine_listing(running):
 
 
 def test_openapi_lists_every_route(running):
-    from aggregator.http import ROUTES
+    from starlette.routing import Route
 
-    _, base, _ = running
+    agg, base, _ = running
     doc = _get_json(base + "/openapi.json")
-    routes = {(re.sub(r"\{(\w+):\w+\}", r"{\1}", r.path), m.lower()) for r in ROUTES for m in r.methods - {"HEAD"}}
+    app_routes = [r for r in agg._http.app.routes if isinstance(r, Route)]  # the model routes too, if mounted
+    routes = {(re.sub(r"\{(\w+):\w+\}", r"{\1}", r.path), m.lower()) for r in app_routes for m in r.methods - {"HEAD"}}
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert documented == routes
     # Every documented GET without path parameters answers with a status it documents.
     for path, ops in doc["paths"].items():
-        if "{" not in path:
+        if "{" not in path and "get" in ops:
             status, _, _ = _get(base + path)
             assert str(status) in ops["get"]["responses"], (path, status)
 
@@ -253,3 +254,161 @@ def test_server_stops_and_frees_its_port():
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # free again
+
+
+# -- /api/series, /api/fields, /api/timeline over both stores (InfluxDB: the real server) ----------
+
+SPAN = 3000  # seconds of 1 Hz readings the store holds
+
+
+@pytest.fixture(scope="module", params=["sqlite", "influx"])
+def api(request, tmp_path_factory):
+    """(base URL, t0) of an HTTP app over a store filled directly: SPAN readings at 1 s from t0
+    (temp = k, rpm = 2k), a feature vector and a champion verdict every 10 s (model 1.0.0 for the
+    first half, 1.1.0 after). The aggregator is not started: these tests need no broker."""
+    from aggregator.http import HttpServer, make_app
+    from aggregator.service import Aggregator, AggregatorConfig, MqttSettings
+    from aggregator.stores import make_store
+
+    tmp = tmp_path_factory.mktemp(f"api-{request.param}")
+    if request.param == "influx":
+        influx = request.getfixturevalue("influxdb")
+        store = make_store(influx_url=influx.url, database=influx.new_database("api"))
+    else:
+        store = make_store(sqlite_path=str(tmp / "store.sqlite"))
+    store.open()
+    t0 = float(int(time.time()) - SPAN - 60)
+    msgs: list = []
+    seq = 0
+    for k0 in range(0, SPAN, 100):
+        readings = [wire.Reading(t0 + k, [float(k), 2.0 * k], 0) for k in range(k0, k0 + 100)]
+        msgs.append(wire.Telemetry(v=1, device="api-dev", seq=seq, ts=t0 + k0, profile="machine",
+                                   channels=["temp", "rpm"], readings=readings))
+        seq += 1
+    for k in range(0, SPAN, 10):
+        msgs.append(wire.Features(v=1, device="api-dev", seq=seq, ts=t0 + k, profile="machine", feature_set="fs1",
+                                  window_start=t0 + k - 10, window_end=t0 + k, names=["temp_mean"], values=[float(k)]))
+        msgs.append(wire.Inference(v=1, device="api-dev", seq=seq + 1, ts=t0 + k, profile="machine",
+                                   model_version="1.0.0" if k < SPAN // 2 else "1.1.0", feature_set="fs1",
+                                   window_end=t0 + k, score=k / SPAN, anomaly=False, latency_us=10.0))
+        seq += 2
+    assert store.write(msgs).rejected == []
+    agg = Aggregator(AggregatorConfig(data_dir=str(tmp), mqtt=MqttSettings(url="mqtt://127.0.0.1:1")), store=store)
+    server = HttpServer(make_app(agg, token="secret"), port=0)
+    server.start()
+    try:
+        yield server.url, t0
+    finally:
+        server.stop()
+        agg.quarantine.close()
+        store.close()
+
+
+def _close(points, expected) -> bool:
+    """Two lists of [t, v] pairs equal to within float noise (pytest.approx does not nest)."""
+    return len(points) == len(expected) and all(
+        p[0] == pytest.approx(e[0]) and p[1] == pytest.approx(e[1]) for p, e in zip(points, expected))
+
+
+def _buckets(pairs, every: float, fn=lambda xs: sum(xs) / len(xs)) -> list[list[float]]:
+    groups: dict[float, list[float]] = {}
+    for t, v in pairs:
+        groups.setdefault((t // every) * every, []).append(v)
+    return [[t, fn(vs)] for t, vs in sorted(groups.items())]
+
+
+def test_series_picks_an_interval_that_keeps_it_under_1000_points(api):
+    base, t0 = api
+    body = _get_json(f"{base}/api/series?device=api-dev&field=temp&since={t0}&until={t0 + SPAN}")
+    assert body["every"] == 5 and body["measurement"] == "telemetry" and body["agg"] == "mean"
+    assert len(body["points"]) <= 1000
+    assert _close(body["points"], _buckets([(t0 + k, float(k)) for k in range(SPAN)], 5))
+    short = _get_json(f"{base}/api/series?device=api-dev&field=rpm&since={t0}&until={t0 + 900}")
+    assert short["every"] == 1 and _close(short["points"], [[t0 + k, 2.0 * k] for k in range(900)])
+
+
+def test_series_with_an_interval_and_aggregate(api):
+    base, t0 = api
+    body = _get_json(f"{base}/api/series?device=api-dev&field=temp&since={t0}&until={t0 + SPAN}&every=1m&agg=max")
+    assert body["every"] == 60
+    assert _close(body["points"], _buckets([(t0 + k, float(k)) for k in range(SPAN)], 60, max))
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
+    same = _get_json(f"{base}/api/series?device=api-dev&field=temp&since={iso}&until={t0 + SPAN}&every=60&agg=max")
+    assert same["points"] == body["points"]
+    recent = _get_json(f"{base}/api/series?device=api-dev&field=temp&since=1h")  # relative to now
+    assert recent["until"] - recent["since"] == pytest.approx(3600, abs=1) and len(recent["points"]) <= 1000
+    assert recent["points"][-1][1] == pytest.approx(SPAN - 1 - (SPAN - 1) % 5 + 2, abs=2.5)
+
+
+def test_features_scores_fields_and_model_changes(api):
+    base, t0 = api
+    q = f"device=api-dev&since={t0}&until={t0 + SPAN}&every=10s"
+    feats = _get_json(f"{base}/api/series?{q}&measurement=features&field=temp_mean")
+    assert _close(feats["points"], [[t0 + k, float(k)] for k in range(0, SPAN, 10)])
+    scores = _get_json(f"{base}/api/series?{q}&measurement=inference&field=score")
+    assert _close(scores["points"], [[t0 + k, k / SPAN] for k in range(0, SPAN, 10)])
+    fields = _get_json(f"{base}/api/fields?device=api-dev")
+    assert fields == {"telemetry": ["rpm", "temp"], "features": ["temp_mean"], "inference": ["score", "latency_us"]}
+    assert _get_json(f"{base}/api/fields?device=nobody") == {"telemetry": [], "features": [],
+                                                             "inference": ["score", "latency_us"]}
+    timeline = _get_json(f"{base}/api/timeline?device=api-dev&since={t0}&until={t0 + SPAN}")
+    assert timeline["model_changes"] == [{"time": t0, "model_version": "1.0.0"},
+                                         {"time": t0 + SPAN // 2, "model_version": "1.1.0"}]
+    assert timeline["alerts"] == []
+
+
+@pytest.mark.parametrize("query, reason", [
+    ("field=temp", "missing query parameter 'device'"),
+    ("device=api-dev", "missing query parameter 'field'"),
+    ("device=bad%20id!&field=temp", "invalid device"),
+    ("device=api-dev&field=1x", "invalid field"),
+    ("device=api-dev&field=seq", "are not channels"),
+    ("device=api-dev&field=temp&measurement=alerts", "invalid measurement"),
+    ("device=api-dev&field=temp_mean&measurement=inference", "inference has score, latency_us"),
+    ("device=api-dev&field=temp&agg=median", "invalid agg"),
+    ("device=api-dev&field=temp&since=yesterday", "invalid since"),
+    ("device=api-dev&field=temp&since=1h&until=2h", "must be before until"),
+    ("device=api-dev&field=temp&since=-5", "outside 1970..2100"),
+    ("device=api-dev&field=temp&since=1e300", "outside 1970..2100"),
+    ("device=api-dev&field=temp&since=nan", "invalid since"),
+    ("device=api-dev&field=temp&since=24h&every=1s", "more than 1000 points"),
+    ("device=api-dev&field=temp&every=fast", "invalid every"),
+    ("device=api-dev&field=temp&every=0s", "invalid every"),
+])
+def test_series_bad_parameters_are_400_with_the_reason(api, query, reason):
+    base, _ = api
+    body = _get_json(f"{base}/api/series?{query}", 400)
+    assert reason in body["error"], body
+
+
+def test_dashboard_files_are_served(api):
+    base, _ = api
+    status, ctype, body = _get(base + "/")
+    assert status == 200 and ctype.startswith("text/html") and b"/dashboard/vendor/uPlot.iife.min.js" in body
+    for path, kind in (("app.js", "javascript"), ("style.css", "text/css"), ("vendor/uPlot.iife.min.js", "javascript"),
+                       ("vendor/uPlot.min.css", "text/css")):
+        status, ctype, body = _get(f"{base}/dashboard/{path}")
+        assert status == 200 and kind in ctype and body, path
+    assert "no such endpoint" in _get_json(base + "/dashboard/nothing.js", 404)["error"]
+    # Nothing the page loads comes from elsewhere.
+    page = _get(base + "/")[2].decode() + _get(base + "/dashboard/app.js")[2].decode()
+    assert not re.search(r"""(src|href)=["']https?://""", page) and "fetch(\"http" not in page
+
+
+def test_metrics_command_plots_a_field(api):
+    base, t0 = api
+    result = CliRunner().invoke(main, ["metrics", "api-dev", "--field", "temp", "--since", str(t0), "--until",
+                                       str(t0 + SPAN), "--rows", "3", "--api", base], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    expected = [v for _, v in _buckets([(t0 + k, float(k)) for k in range(SPAN)], 5)]
+    out = " ".join(result.output.split())  # rich may wrap long lines
+    assert f"api-dev telemetry.temp: {len(expected)} intervals" in out and "mean per 5 s" in out
+    spark = next(line for line in result.output.splitlines() if line and set(line) <= set("▁▂▃▄▅▆▇█"))
+    assert spark[0] == "▁" and spark[-1] == "█" and list(spark) == sorted(spark)  # temp only rises
+    mean = sum(expected) / len(expected)
+    assert f"min {min(expected):.6g} mean {mean:.6g} max {max(expected):.6g} last {expected[-1]:.6g}" in out
+    assert f"{expected[-1]:.6g}" in result.output.splitlines()[-1]  # the latest interval, last row of the table
+    empty = CliRunner().invoke(main, ["metrics", "nobody", "--field", "temp", "--api", base])
+    assert empty.exit_code == 0 and "no values" in empty.output
+    bad = CliRunner().invoke(main, ["metrics", "api-dev", "--field", "temp", "--since", "soon", "--api", base])
+    assert bad.exit_code == 1 and "answered 400: invalid since 'soon'" in bad.output

@@ -24,15 +24,22 @@ import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgeloop import wire
+from edgeloop import wire, wire_models
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 DOC = DOC_PATH.read_text(encoding="utf-8")
 CLASSES: dict[str, type] = {
     "telemetry": wire.Telemetry, "features": wire.Features, "inference": wire.Inference,
-    "alert": wire.Alert, "status": wire.Status, "confirm": wire.Confirm, "config": wire.DesiredConfig,
+    "alert": wire.Alert, "status": wire.Status, "deployment": wire.Deployment, "confirm": wire.Confirm,
+    "config": wire.DesiredConfig,
 }
-RETAINED = {"status", "config"}
+#: Model distribution (edgeloop/wire_models.py): documented and tested like the rest.
+MODEL_CLASSES: dict[str, type] = {
+    "offer": wire_models.ModelOffer, "chunkreq": wire_models.ChunkRequest,
+    "models": wire_models.DesiredModels, "key": wire_models.KeyRotation,
+}
+CLASSES.update(MODEL_CLASSES)
+RETAINED = {"status", "config", "offer", "models", "key"}
 _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 _WITH_VALUE = {"-h", "-p", "-q", "-t", "-m", "-i", "-C", "-W", "-V", "-F", "-k"}
 _FLAGS = {"-r", "-v", "-n", "-d", "-N", "-R"}
@@ -111,6 +118,15 @@ SUBS = [c for c in COMMANDS if c.tool == "mosquitto_sub"]
 
 def decode(topic: str, payload: bytes) -> msgspec.Struct:
     """Decode like the receiving side would: ``decode`` uplink, ``decode_confirm`` downlink."""
+    kind = topic.rsplit("/", 1)[-1]
+    if kind == "offer":
+        return wire_models.decode_offer(payload)
+    if kind == "key":
+        return wire_models.decode_key_rotation(payload)
+    if kind == "chunkreq":
+        return wire_models.decode_chunk_request(payload, topic)
+    if kind == "models":
+        return wire_models.decode_desired_models(payload, topic)
     where = wire.parse_topic(topic)
     if where.direction == "dev":
         return wire.decode(topic, payload)
@@ -188,7 +204,7 @@ def test_refused_example_is_refused_for_the_stated_reason(command):
 
 def test_every_kind_has_an_accepted_example():
     kinds = {c.kind for c in ACCEPTED}
-    assert set(wire.UPLINK_KINDS) | set(wire.DOWNLINK_KINDS) <= kinds
+    assert set(wire.UPLINK_KINDS) | set(wire.DOWNLINK_KINDS) | set(MODEL_CLASSES) <= kinds
     states = {json.loads(c.payload)["state"] for c in ACCEPTED if c.kind == "status"}
     assert states == {"online", "offline"}, "show both the birth and the last will"
 
@@ -207,7 +223,8 @@ def test_field_table_lists_exactly_the_fields_of_the_kind(kind):
     header = set.intersection(*({f.encode_name for f in msgspec.structs.fields(CLASSES[k])}
                                 for k in wire.UPLINK_KINDS))
     fields = {f.encode_name for f in msgspec.structs.fields(CLASSES[kind])}
-    expected = fields | {"type"} if kind in wire.DOWNLINK_KINDS else fields - header
+    downlink = kind in wire.DOWNLINK_KINDS or kind in MODEL_CLASSES
+    expected = fields | {"type"} if downlink else fields - header
     assert table_names(section(kind)) == expected
     assert table_names(section("Common header")) == header | {"type"}
 
@@ -290,7 +307,8 @@ def _stop(client: mqtt.Client) -> None:
 @pytest.mark.mosquitto
 def test_examples_run_against_mosquitto(mosquitto):
     status_topics = {c.topic for c in ACCEPTED if c.kind in RETAINED}
-    client, inbox = _subscriber(mosquitto, wire.uplink_filter(), f"{wire.TOPIC_ROOT}/ctl/+/+")
+    client, inbox = _subscriber(mosquitto, wire.uplink_filter(), f"{wire.TOPIC_ROOT}/ctl/+/+",
+                                f"{wire.TOPIC_ROOT}/models/#")
     try:
         for command in ACCEPTED:
             run = subprocess.run(_local(command.argv, mosquitto), timeout=15, capture_output=True, text=True)
