@@ -154,6 +154,7 @@ class Ingest:
         self.observers: list[Callable[[wire.DeviceMessage, float], None]] = []
         #: Called in paho's thread after every (re)connect, after the subscription (must not block).
         self.on_connect_hooks: list[Callable[[], None]] = []
+        self._oldest_waiting: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -161,6 +162,12 @@ class Ingest:
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._writer.start()
         self.link.start(timeout=connect_timeout)
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest received message not yet durably stored and acknowledged (0: none).
+        It grows while the store is down or slow: the number to alert on (``/metrics``)."""
+        oldest = self._oldest_waiting
+        return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     def diagnostics(self) -> dict:
         return {**vars(self.stats), "connected": self.link.connected, "waiting": self._inbox.qsize(),
@@ -252,6 +259,10 @@ class Ingest:
         oldest = 0.0
         get = self._inbox.get
         while True:
+            # For lag_seconds(): the oldest message not yet acknowledged (a write in flight is
+            # older than the batch being built, which is older than anything still in the inbox).
+            head = pending[0].batch if pending else batch
+            self._oldest_waiting = head[0].received_at if head else None
             stopping = self._stop.is_set()
             while pending and pending[0].future.done():
                 if not self._complete(pending, pool):

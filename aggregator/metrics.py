@@ -26,9 +26,9 @@ Exported families (``_total`` is appended to counters by the exposition format):
 ``edgeloop_devices``                     gauge    registry devices, label ``state``
 =======================================  =======  =============================================
 
-``edgeloop_ingest_lag_seconds`` is exported only when the ingest offers ``lag_seconds()``
-(the age of its oldest waiting message, 0 when none waits): its queue cannot be inspected
-from outside.
+``edgeloop_ingest_lag_seconds`` is ``Ingest.lag_seconds()``: the age of the oldest message
+received but not yet durably stored and acknowledged (0 when none waits). It climbs through a
+store outage and falls back once the backlog is written: the number to alert on.
 """
 
 from __future__ import annotations

@@ -274,19 +274,26 @@ def test_influxdb_down_for_60_s(mosquitto_factory, influxdb_factory, model_dir, 
     aggregator = Aggregator(_agg_config(broker, influx, database, tmp_path / "agg"))
     aggregator.start()
     waiting_max = 0
+    lag_max = 0.0
     try:
         with _fleet(broker.url, tmp_path / "dev", model_dir) as fleet:
             fleet.wait_connected()
             _wait_for(lambda: _stored_readings(influx, database) > 0, 10, "the first stored readings")
+            lag_before = aggregator.ingest.lag_seconds()
             influx.stop()
             deadline = time.monotonic() + 60.0
             while time.monotonic() < deadline:
                 waiting_max = max(waiting_max, aggregator.ingest.diagnostics()["waiting"])
+                lag_max = max(lag_max, aggregator.ingest.lag_seconds())
                 time.sleep(0.2)
             retries = aggregator.ingest.stats.store_retries
             influx.start()
             stored_before = _stored_readings(influx, database)
             _wait_for(lambda: _stored_readings(influx, database) > stored_before, 30, "storing to resume")
+            # The lag metric shows the outage (the oldest unacknowledged message aged through it)
+            # and comes back down once the backlog is written.
+            assert lag_before < 10 and lag_max > 30, (lag_before, lag_max)
+            _wait_for(lambda: aggregator.ingest.lag_seconds() < 10, 60, "the ingest lag to recover")
             time.sleep(1.0)
             drained = fleet.stop()
     finally:
