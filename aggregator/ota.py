@@ -36,9 +36,11 @@ from edgeloop.files import write_atomic
 from edgeloop.wire_models import (
     ChunkRequest,
     DesiredModels,
+    KeyRotation,
     ModelOffer,
     chunk_topic,
     desired_models_topic,
+    key_topic,
     offer_topic,
 )
 from aggregator.model_registry import ModelRegistry, RegistryError
@@ -101,6 +103,7 @@ class ModelDistributor:
         self._thread: threading.Thread | None = None
         self._offers: dict[tuple[str, str], _Offered] = {}
         self._desired: dict[str, DesiredModels] = {}
+        self._keys: dict[str, KeyRotation] = {}  # profile -> the latest key rotation (retained)
         self._revision = 0
         self._load()
 
@@ -139,6 +142,8 @@ class ModelDistributor:
                 self._control.append((offer_topic(item.offer.profile, item.offer.version), wire.encode(item.offer)))
             for desired in self._desired.values():
                 self._control.append((desired_models_topic(desired.device), wire.encode(desired)))
+            for profile, rotation in self._keys.items():
+                self._control.append((key_topic(profile), wire.encode(rotation)))
             self._cond.notify_all()
 
     # -- offers -------------------------------------------------------------------------------
@@ -191,6 +196,29 @@ class ModelDistributor:
     def offers(self) -> list[ModelOffer]:
         with self._cond:
             return [o.offer for o in self._offers.values()]
+
+    # -- signing keys ---------------------------------------------------------------------------
+
+    def rotate_key(self, profile: str, new_public_pem: bytes, key_id: str, current_private_key, note: str = "") -> KeyRotation:
+        """Tell ``profile``'s devices to trust a new model-signing key from now on.
+
+        The rotation is signed by the CURRENT key (the one the devices hold), published retained on
+        the profile's key topic so devices that are offline learn it later. Sign new models with the
+        new key only once the devices have it (their status and the next deployment reports tell).
+        """
+        from models.signing import sign_key_rotation
+
+        pem = bytes(new_public_pem)
+        rotation = KeyRotation(v=wire.SCHEMA_VERSION, key_id=key_id, new_public_key=pem.decode("ascii"),
+                               signature=sign_key_rotation(pem, key_id, current_private_key),
+                               ts=time.time(), note=note)
+        with self._cond:
+            self._keys[profile] = rotation
+            self._save_locked()
+            self._control.append((key_topic(profile), wire.encode(rotation)))
+            self._cond.notify_all()
+        log.info("published model-signing key %s for profile %s", key_id, profile)
+        return rotation
 
     # -- desired models -----------------------------------------------------------------------
 
@@ -314,6 +342,10 @@ class ModelDistributor:
         for raw in state.get("desired", {}).values():
             desired = decode_desired_models(json.dumps(raw).encode())
             self._desired[desired.device] = desired
+        from edgeloop.wire_models import decode_key_rotation
+
+        for profile, raw in state.get("keys", {}).items():
+            self._keys[profile] = decode_key_rotation(json.dumps(raw).encode())
         for profile, version, chunk_size in state.get("offers", []):
             try:
                 offer, data = self._build(profile, version, int(chunk_size))
@@ -327,6 +359,7 @@ class ModelDistributor:
             "revision": self._revision,
             "offers": [[p, v, o.offer.chunk_size] for (p, v), o in self._offers.items()],
             "desired": {d: json.loads(wire.encode(m)) for d, m in self._desired.items()},
+            "keys": {p: json.loads(wire.encode(k)) for p, k in self._keys.items()},
         }
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.state_path, json.dumps(state, indent=1).encode(), 0o644)

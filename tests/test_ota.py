@@ -275,3 +275,35 @@ def test_deployments_are_stored_by_both_stores(backend, request, tmp_path):
         assert store.count("deployment") == 2 and store.count("deployment", "dep-1") == 2
     finally:
         store.close()
+
+
+def test_key_rotation_signed_by_the_current_key_lets_models_signed_by_the_new_key_in(rig, keys, tmp_path):
+    """The aggregator rotates the signing key through a message signed by the key devices hold;
+    a rotation signed by any other key is refused and the device keeps trusting its key."""
+    from models.signing import generate_keypair
+
+    agent = rig.agent(0)
+    rig.start(agent)
+    held = agent.updates.receiver.public_key
+    new_private, new_public = generate_keypair(tmp_path / "next-key")
+
+    # Signed by a key the device does not hold: refused, nothing changes.
+    rig.agg.ota.rotate_key(rig.profile, Path(new_public).read_bytes(), "k-forged", keys["wrong"])
+    assert rig.agg.ota.flush(20)
+    rig.add_model("1.1.0", key=new_private)
+    rig.agg.ota.offer(rig.profile, "1.1.0")
+    rig.agg.ota.set_desired(agent.device, champion="1.1.0", shadow=None)
+    rig.wait_state([agent.device], "1.1.0", "rejected")
+    assert rig.state(agent.device, "1.1.0").reason.startswith("bad-signature: ")
+    assert agent.updates.receiver.public_key == held and agent.model.version == "1.0.0"
+
+    # Signed by the current key: the device trusts the new one, and a model it signed serves.
+    rig.agg.ota.rotate_key(rig.profile, Path(new_public).read_bytes(), "k2", keys["private"])
+    wait_until(lambda: agent.updates.receiver.public_key == Path(new_public).read_bytes(), 20, "the key rotated")
+    rig.add_model("1.2.0", key=new_private)
+    rig.agg.ota.offer(rig.profile, "1.2.0")
+    rig.agg.ota.set_desired(agent.device, champion="1.2.0", shadow=None)
+    rig.wait_state([agent.device], "1.2.0", "active")
+    assert agent.model.version == "1.2.0"
+    # Leave no retained key behind on the session broker (the profile is this test's own anyway).
+    assert rig.agg.ingest.link.publish(wire_models.key_topic(rig.profile), b"", qos=1, retain=True)
