@@ -1,18 +1,24 @@
-"""HTTP routes for models, deployments and rollouts, mounted by :mod:`aggregator.http`.
+"""HTTP routes for models, deployments, rollouts and fault labels, mounted by :mod:`aggregator.http`.
 
 Read routes (no auth, like the rest of the API): ``GET /api/models``, ``GET
-/api/models/{profile}/{version}``, ``GET /api/deployments``, ``GET /api/rollouts``.
+/api/models/{profile}/{version}``, ``GET /api/deployments``, ``GET /api/rollouts``, ``GET
+/api/labels`` (``?device=&since=&until=``).
 
 Control routes change what the fleet runs, so they need ``Authorization: Bearer <token>``:
 ``POST /api/rollouts`` (``{"profile", "version", "canary": N}`` or ``"share": F``), ``POST
 /api/rollouts/{profile}/promote`` and ``POST /api/rollouts/{profile}/rollback`` (optional body
-``{"version": V}``: refused unless it is the running rollout's version). The token check is
+``{"version": V}``: refused unless it is the running rollout's version). Labels (fault windows
+that supervised training and the rollout gate's F1 learn from; ``aggregator.labels``, the same
+``<data_dir>/labels.sqlite`` that ``edgeloop models labels`` edits) are added with ``POST
+/api/labels`` (``{"device", "start", "end", "kind", "note"?}``) and removed with ``DELETE
+/api/labels/{id}``, both control routes. The token check is
 :func:`aggregator.http.require_token` (``[http] token``, which may be ``env:NAME``, or
 ``token_file``); with none configured the control routes answer 403 saying so.
 
 Like http.py: errors are JSON ``{"error": reason}`` with a 4xx status, never a 500 for bad input.
 The aggregator provides ``models`` (ModelRegistry), ``registry`` (fleet), ``rollouts``
-(RolloutManager) and optionally ``ota`` (ModelDistributor, for the desired models per device).
+(RolloutManager), ``labels`` (LabelStore) and optionally ``ota`` (ModelDistributor, for the
+desired models per device).
 """
 
 from __future__ import annotations
@@ -209,6 +215,81 @@ def _control(action: str):
     return handler
 
 
+# -- fault labels ---------------------------------------------------------------------------------
+
+
+def _label_time(data, key: str) -> float | None:
+    """Epoch seconds from a number, or from ``now`` / ``2h`` (back from now) / ISO 8601 text."""
+    from aggregator.http_api import parse_time
+
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise _Refusal(400, f"'{key}' is out of range: {value}") from None
+    if not isinstance(value, str) or not value:
+        raise _Refusal(400, f"'{key}' must be seconds since the epoch or a time such as \"2h\" or ISO 8601, "
+                            f"not {value!r}")
+    try:
+        return parse_time(value, time.time(), key)
+    except ValueError as exc:
+        raise _Refusal(400, str(exc)) from None
+
+
+def _label_dict(label) -> dict:
+    return {"id": label.id, "device": label.device, "start": label.start, "end": label.end, "kind": label.kind,
+            "note": label.note}
+
+
+@_handler
+async def _labels(request: Request) -> Response:
+    store = _part(request.app.state.aggregator, "labels")
+    query = {k: v for k, v in request.query_params.items() if v}  # ?since= is no bound
+    device = query.get("device")
+    since, until = _label_time(query, "since"), _label_time(query, "until")
+    try:
+        found = await run_in_threadpool(store.list, device, since, until)
+    except ValueError as exc:
+        raise _Refusal(400, str(exc)) from None
+    return _JSON({"labels": [_label_dict(lb) for lb in found]})
+
+
+@_handler
+async def _add_label(request: Request) -> Response:
+    _authorize(request)
+    store = _part(request.app.state.aggregator, "labels")
+    data = await _body(request)
+    unknown = set(data) - {"device", "start", "end", "kind", "note"}
+    if unknown:
+        raise _Refusal(400, f"unknown field(s) {sorted(unknown)}; expected device, start, end, kind and note")
+    missing = [k for k in ("device", "start", "end", "kind") if data.get(k) is None]
+    if missing:
+        raise _Refusal(400, f"missing field(s) {missing}; a label needs device, start, end and kind")
+    device, kind = _text(data, "device"), _text(data, "kind")
+    start, end = _label_time(data, "start"), _label_time(data, "end")
+    note = data.get("note", "")
+    try:
+        label = await run_in_threadpool(store.add, device, start, end, kind, note)
+    except ValueError as exc:  # bad device id, start not before end, kind pattern, note too long
+        raise _Refusal(400, str(exc)) from None
+    return _JSON(_label_dict(label), status_code=201)
+
+
+@_handler
+async def _delete_label(request: Request) -> Response:
+    _authorize(request)
+    store = _part(request.app.state.aggregator, "labels")
+    raw = request.path_params["label_id"]
+    if not raw.isdigit() or not raw.isascii():
+        raise _Refusal(400, f"invalid label id {raw!r}: expected a positive integer")
+    if not await run_in_threadpool(store.delete, int(raw)):
+        raise _Refusal(404, f"no label {raw}")
+    return _JSON({"deleted": int(raw)})
+
+
 ROUTES = [
     Route("/api/models", _models, methods=["GET"]),
     Route("/api/models/{profile}/{version}", _model, methods=["GET"]),
@@ -217,6 +298,9 @@ ROUTES = [
     Route("/api/rollouts", _start, methods=["POST"]),
     Route("/api/rollouts/{profile}/promote", _control("promote"), methods=["POST"]),
     Route("/api/rollouts/{profile}/rollback", _control("rollback"), methods=["POST"]),
+    Route("/api/labels", _labels, methods=["GET"]),
+    Route("/api/labels", _add_label, methods=["POST"]),
+    Route("/api/labels/{label_id}", _delete_label, methods=["DELETE"]),
 ]
 
 # -- OpenAPI fragments for http.OPENAPI -----------------------------------------------------------
@@ -229,8 +313,17 @@ _VERSION_BODY = {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"version": {"type": "string"}}}}}}
 
 
-def _ok(text: str) -> dict:
-    return {"description": text, "content": _OBJ}
+_WHEN = {"oneOf": [{"type": "number"}, {"type": "string"}],
+         "description": "seconds since the epoch, now, a duration back from now (\"2h\") or ISO 8601"}
+_KIND = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
+_LABEL = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "device": {"type": "string"}, "start": {"type": "number"}, "end": {"type": "number"},
+    "kind": {"type": "string"}, "note": {"type": "string"}}}
+_LABELS = {"type": "object", "properties": {"labels": {"type": "array", "items": _LABEL}}}
+
+
+def _ok(text: str, schema: dict | None = None) -> dict:
+    return {"description": text, "content": {"application/json": {"schema": schema}} if schema else _OBJ}
 
 
 OPENAPI_PATHS: dict = {
@@ -262,4 +355,25 @@ OPENAPI_PATHS: dict = {
         "summary": "Stop the canary, or roll the promoted version back with a signed rollback entry",
         "security": _AUTH, "parameters": [_PROFILE], "requestBody": _VERSION_BODY,
         "responses": {"200": _ok("The rollout's status"), "400": _ERR, "401": _ERR, "403": _ERR, "409": _ERR, "503": _ERR}}},
+    "/api/labels": {
+        "get": {"summary": "Fault labels (of a device) overlapping [since, until), by device then start",
+                "parameters": [{"name": n, "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": d} for n, d in (
+                    ("device", "only this device"),
+                    ("since", "now, a duration back from now (7d), seconds since the epoch, or ISO 8601"),
+                    ("until", "same forms"))],
+                "responses": {"200": _ok("{labels: [Label]}", _LABELS), "400": _ERR, "503": _ERR}},
+        "post": {"summary": "Add a fault label: [start, end) of one device, a kind and a note", "security": _AUTH,
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                     "type": "object", "required": ["device", "start", "end", "kind"],
+                     "properties": {"device": {"type": "string"}, "start": _WHEN, "end": _WHEN,
+                                    "kind": {"type": "string", "pattern": _KIND}, "note": {"type": "string",
+                                                                                        "maxLength": 1000}}}}}},
+                 "responses": {"201": _ok("The label with its id", _LABEL), "400": _ERR, "401": _ERR, "403": _ERR,
+                               "413": _ERR, "503": _ERR}}},
+    "/api/labels/{label_id}": {"delete": {
+        "summary": "Delete a fault label", "security": _AUTH,
+        "parameters": [{"name": "label_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+        "responses": {"200": _ok("{deleted: id}"), "400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR,
+                      "503": _ERR}}},
 }

@@ -24,85 +24,31 @@ Observers run on the ingest writer's thread and only record; every decision and 
 happens in :meth:`RolloutManager.tick` (driven by :meth:`serve`'s thread or by a test's clock).
 The distributor is anything with ``offer(profile, version)``, ``set_desired(device, *, champion,
 shadow)`` and ``retire(profile, version)`` (:class:`aggregator.ota.ModelDistributor`).
+
+The persisted record (:class:`~aggregator.rollout_state.Rollout`), how observed messages are filed
+into it, and the canary/wave/ground-truth arithmetic are in :mod:`aggregator.rollout_state`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-import msgspec
-from msgspec import Struct
-
 from edgeloop import wire
 from edgeloop.files import write_atomic
-from aggregator.rollout_gate import Pair, RolloutPolicy, Verdict, evaluate_gate, evaluate_watch, label_windows
+from aggregator.rollout_gate import RolloutPolicy, evaluate_gate, evaluate_watch
+from aggregator.rollout_state import (ACTIVE_STATES, MAX_EVENTS, STATES, LiveRollout, Rollout, RolloutError,
+                                      canary_count, encode_rollout, gate_truth, load_rollouts, plan_waves,
+                                      record_deployment, record_inference, summarize, watch_truth)
 
 __all__ = ["RolloutManager", "RolloutError", "Rollout", "ACTIVE_STATES", "STATES"]
 
 log = logging.getLogger(__name__)
 
-STATES = ("canary", "promoting", "watching", "done", "rejected", "rolled_back")
-ACTIVE_STATES = frozenset({"canary", "promoting", "watching"})
-_MAX_HALVES = 8192  # unpaired champion/shadow verdicts kept while waiting for their other half
-_MAX_EVENTS = 200
-
 LabelsProvider = Callable[[str, float, float], "list | None"]
-
-
-class RolloutError(ValueError):
-    """A rollout request that cannot be done (unknown model, one already running, no devices...).
-    ``status`` is the HTTP status that fits: 404 unknown, 409 conflicting state, 400 bad input."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class Rollout(Struct, kw_only=True):
-    """One rollout's persisted state. ``members`` are the profile's devices when it started."""
-
-    profile: str
-    version: str
-    previous: str
-    state: str
-    started_at: float
-    updated_at: float
-    canaries: list[str]
-    members: list[str]
-    pairs: dict[str, list[Pair]] = {}
-    rejections: list[str] = []
-    gate: Verdict | None = None
-    waves: list[list[str]] = []
-    wave: int = 0
-    wave_started_at: float = 0.0
-    active: list[str] = []
-    laggards: list[str] = []
-    baseline_windows: int = 0
-    baseline_anomalies: int = 0
-    baseline_f1: float | None = None
-    watch: list[tuple[str, float, bool]] = []  # (device, window_end, anomaly) of the new champion
-    watch_started_at: float = 0.0
-    watch_verdict: Verdict | None = None
-    rollback_version: str | None = None
-    reasons: list[str] = []
-    error: str = ""
-    events: list[tuple[float, str]] = []
-
-
-class _Live:
-    """In-memory companions of an active rollout: fast membership sets and unpaired verdicts."""
-
-    def __init__(self, r: Rollout) -> None:
-        self.r = r
-        self.canaries = set(r.canaries)
-        self.members = set(r.members) | self.canaries
-        self.active = set(r.active)
-        self.halves: dict[tuple[str, float], tuple[str, bool, float]] = {}
 
 
 class RolloutManager:
@@ -119,7 +65,7 @@ class RolloutManager:
         self._lock = threading.Lock()  # state: taken briefly by observers
         self._act = threading.RLock()  # decisions and publishes: one at a time
         self._rollouts: dict[str, Rollout] = {}
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, LiveRollout] = {}
         self._dirty: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,27 +74,22 @@ class RolloutManager:
     # -- persistence --------------------------------------------------------------------------
 
     def _load(self) -> None:
-        for path in sorted(self.dir.glob("*.json")):
-            try:
-                r = msgspec.json.decode(path.read_bytes(), type=Rollout)
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.error("cannot read rollout state %s: %s", path, exc)
-                continue
+        for r in load_rollouts(self.dir).values():
             self._rollouts[r.profile] = r
             if r.state in ACTIVE_STATES:
-                self._live[r.profile] = _Live(r)
+                self._live[r.profile] = LiveRollout(r)
 
     def _save(self, profile: str) -> None:
         with self._lock:
             r = self._rollouts[profile]
-            body = msgspec.json.encode(r)
+            body = encode_rollout(r)
             self._dirty.discard(profile)
         write_atomic(self.dir / f"{profile}.json", body)
 
     def _event(self, r: Rollout, now: float, text: str) -> None:
         with self._lock:
             r.events.append((now, text))
-            del r.events[:-_MAX_EVENTS]
+            del r.events[:-MAX_EVENTS]
             r.updated_at = now
             self._dirty.add(r.profile)
         log.info("rollout %s/%s: %s", r.profile, r.version, text)
@@ -163,51 +104,14 @@ class RolloutManager:
             if self._live:
                 with self._lock:
                     for live in self._live.values():
-                        if msg.device in live.members:
-                            self._observe_inference(live, msg)
+                        if msg.device in live.members and record_inference(live, msg, self.policy):
+                            self._dirty.add(live.r.profile)
         elif kind is wire.Deployment and self._live:
             with self._lock:
                 for live in self._live.values():
-                    if msg.device in live.members and msg.model_version == live.r.version:
-                        self._observe_deployment(live, msg)
-
-    def _observe_inference(self, live: _Live, msg: wire.Inference) -> None:
-        r = live.r
-        if r.state == "canary":
-            if msg.role == "champion" and msg.model_version == r.previous:
-                r.baseline_windows += 1
-                r.baseline_anomalies += bool(msg.anomaly)
-            if msg.device not in live.canaries or (msg.role == "shadow" and msg.model_version != r.version):
-                return
-            key = (msg.device, msg.window_end)
-            other = live.halves.get(key)
-            if other is None or other[0] == msg.role:
-                if len(live.halves) >= _MAX_HALVES:
-                    live.halves.pop(next(iter(live.halves)))
-                live.halves[key] = (msg.role, bool(msg.anomaly), float(msg.latency_us))
-                return
-            del live.halves[key]
-            champ, shadow = (other, (msg.role, msg.anomaly, msg.latency_us)) if msg.role == "shadow" else \
-                ((msg.role, msg.anomaly, msg.latency_us), other)
-            pairs = r.pairs.setdefault(msg.device, [])
-            if len(pairs) < self.policy.gate_windows:
-                pairs.append(Pair(msg.window_end, bool(champ[1]), bool(shadow[1]), float(champ[2]), float(shadow[2])))
-                self._dirty.add(r.profile)
-        elif r.state == "watching":
-            if msg.role == "champion" and msg.model_version == r.version and len(r.watch) < self.policy.watch_windows:
-                r.watch.append((msg.device, msg.window_end, bool(msg.anomaly)))
-                self._dirty.add(r.profile)
-
-    def _observe_deployment(self, live: _Live, msg: wire.Deployment) -> None:
-        r = live.r
-        if msg.state == "active" and msg.device not in live.active:
-            live.active.add(msg.device)
-            r.active.append(msg.device)
-            self._dirty.add(r.profile)
-        elif msg.state in ("rejected", "rolled_back"):
-            r.rejections.append(f"{msg.device} reported {r.version} {msg.state}"
-                                + (f": {msg.reason}" if msg.reason else ""))
-            self._dirty.add(r.profile)
+                    if (msg.device in live.members and msg.model_version == live.r.version
+                            and record_deployment(live, msg)):
+                        self._dirty.add(live.r.profile)
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -238,7 +142,7 @@ class RolloutManager:
             members = self._ordered_devices(profile, now)
             if not members:
                 raise RolloutError(f"no devices of profile {profile!r} in the fleet registry", 409)
-            n = self._canary_count(canary, share, len(members))
+            n = canary_count(canary, share, len(members))
             r = Rollout(profile=profile, version=version, previous=previous, state="canary", started_at=now,
                         updated_at=now, canaries=members[:n], members=members)
             self._event(r, now, f"canary: {', '.join(r.canaries)} run {version} in shadow of {previous}")
@@ -247,7 +151,7 @@ class RolloutManager:
             self.distributor.offer(profile, version)
             with self._lock:
                 self._rollouts[profile] = r
-                self._live[profile] = _Live(r)
+                self._live[profile] = LiveRollout(r)
             self._save(profile)
             return self.status(profile)
 
@@ -315,14 +219,14 @@ class RolloutManager:
                 if profile in self._dirty:
                     self._save(profile)
 
-    def _tick_canary(self, live: _Live, now: float) -> None:
+    def _tick_canary(self, live: LiveRollout, now: float) -> None:
         r = live.r
         with self._lock:
             pairs = {d: list(r.pairs.get(d, [])) for d in r.canaries}
             rejections = list(r.rejections)
         final = now - r.started_at >= self.policy.canary_timeout_s
         full = all(len(p) >= self.policy.gate_windows for p in pairs.values())
-        truth = self._gate_truth(pairs) if (full or final) and not rejections else None
+        truth = gate_truth(pairs, self._labels) if (full or final) and not rejections else None
         verdict = evaluate_gate(pairs, self.policy, truth=truth, rejections=rejections, final=final)
         if not verdict.ready:
             return
@@ -333,7 +237,7 @@ class RolloutManager:
         r.baseline_f1 = verdict.stats["all"].get("champion_f1")
         self._begin_promotion(r, now, "gate passed")
 
-    def _tick_promoting(self, live: _Live, now: float) -> None:
+    def _tick_promoting(self, live: LiveRollout, now: float) -> None:
         r = live.r
         if r.rejections:
             self._roll_back(r, now, list(r.rejections))
@@ -357,7 +261,7 @@ class RolloutManager:
         self._event(r, now, f"every wave done; {r.version} is the champion in the registry; watching "
                     f"{self.policy.watch_windows} windows")
 
-    def _tick_watching(self, live: _Live, now: float) -> None:
+    def _tick_watching(self, live: LiveRollout, now: float) -> None:
         r = live.r
         if r.rejections:
             self._roll_back(r, now, list(r.rejections))
@@ -371,7 +275,7 @@ class RolloutManager:
             return
         baseline = (r.baseline_anomalies / r.baseline_windows if r.baseline_windows else
                     (r.gate.stats.get("all", {}).get("champion_rate") or 0.0) if r.gate else 0.0)
-        truth = self._watch_truth(watch) if r.baseline_f1 is not None else None
+        truth = watch_truth(watch, self._labels) if r.baseline_f1 is not None else None
         verdict = evaluate_watch([w[2] for w in watch], baseline, self.policy, truth=truth,
                                  baseline_f1=r.baseline_f1, final=final)
         if not verdict.ready:
@@ -387,12 +291,7 @@ class RolloutManager:
     def _begin_promotion(self, r: Rollout, now: float, why: str) -> None:
         ordered = [d for d in self._ordered_devices(r.profile, now) if d not in r.canaries]
         everyone = list(r.canaries) + ordered
-        waves, done = [list(r.canaries)], len(r.canaries)
-        for fraction in self.policy.waves:
-            upto = max(done, math.ceil(fraction * len(everyone)))
-            if upto > done:
-                waves.append(everyone[done:upto])
-                done = upto
+        waves = plan_waves(r.canaries, ordered, self.policy.waves)
         with self._lock:
             r.waves, r.wave, r.wave_started_at, r.state = waves, 0, now, "promoting"
             live = self._live.get(r.profile)
@@ -445,19 +344,6 @@ class RolloutManager:
         records = [rec for rec in self.fleet.devices(now) if rec.profile == profile]
         return [rec.device for rec in sorted(records, key=lambda rec: (rec.state != "online", rec.device))]
 
-    @staticmethod
-    def _canary_count(canary: int | None, share: float | None, total: int) -> int:
-        if canary is not None and share is not None:
-            raise RolloutError("give either a canary count or a canary share, not both")
-        if share is not None:
-            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-                raise RolloutError(f"canary share must be a number in (0, 1], not {share!r}")
-            return max(1, math.ceil(share * total))
-        canary = 1 if canary is None else canary
-        if isinstance(canary, bool) or not isinstance(canary, int) or canary < 1:
-            raise RolloutError(f"canary must be a device count of at least 1, not {canary!r}")
-        return min(canary, total)
-
     def _online(self, device: str, now: float) -> bool:
         rec = self.fleet.get(device, now)
         return rec is not None and rec.state == "online"
@@ -471,41 +357,13 @@ class RolloutManager:
             log.exception("labels provider failed for %s [%s, %s]", device, t0, t1)
             return None
 
-    def _gate_truth(self, pairs: dict[str, list[Pair]]) -> dict[str, list[bool]] | None:
-        truth = {}
-        for device, p in pairs.items():
-            if p:
-                faults = self._labels(device, min(x.window_end for x in p), max(x.window_end for x in p))
-                if faults is not None:
-                    truth[device] = label_windows([x.window_end for x in p], faults)
-        return truth or None
-
-    def _watch_truth(self, watch: list[tuple[str, float, bool]]) -> list[bool] | None:
-        by_device: dict[str, list[float]] = {}
-        for device, t, _ in watch:
-            by_device.setdefault(device, []).append(t)
-        labelled: dict[str, list] = {}
-        for device, ts in by_device.items():
-            faults = self._labels(device, min(ts), max(ts))
-            if faults is None:
-                return None
-            labelled[device] = faults
-        return [label_windows([t], labelled[device])[0] for device, t, _ in watch]
-
     # -- reading ------------------------------------------------------------------------------
 
     def status(self, profile: str) -> dict | None:
         """One profile's rollout for the API and CLI (bulky evidence summarised), None if none ran."""
         with self._lock:
             r = self._rollouts.get(profile)
-            if r is None:
-                return None
-            out = msgspec.to_builtins(r)
-        out["pairs"] = {d: len(p) for d, p in out["pairs"].items()}
-        out["gate_windows"] = self.policy.gate_windows
-        out["watch"] = len(out["watch"])
-        out["watch_windows"] = self.policy.watch_windows
-        return out
+            return None if r is None else summarize(r, self.policy)
 
     def statuses(self) -> list[dict]:
         with self._lock:

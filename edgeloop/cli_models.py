@@ -1,7 +1,9 @@
-"""``edgeloop models keygen|train|list|show|verify|promote|rollback|push|rollout``: signed models.
+"""``edgeloop models keygen|train|labels|list|show|verify|promote|rollback|push|rollout``: signed models.
 
 A standalone click group that ``edgeloop/cli.py`` registers with ``main.add_command``. Each command
 imports what it needs inside its function (training pulls in scikit-learn; the others do not).
+``train`` and ``labels`` (the fault windows supervised training learns from) are in
+``edgeloop/cli_train.py``, added to this group at the end of this module.
 
 Rollback rule: ``rollback PROFILE`` re-signs the previous champion as a NEW registry entry
 ``<previous version without +suffix>+rollback.<N>`` (N = 1 + the rollback entries of that base
@@ -88,151 +90,6 @@ def keygen(force, data_dir) -> None:
         raise click.ClickException(str(exc)) from None
     click.echo(f"private key {priv} (keep it here, mode 0600)")
     click.echo(f"public key  {pub} (goes into every device bundle issued from now on)")
-
-
-@models.command("train")
-@click.option("--profile", default="machine", show_default=True, help="Profile to train for (simulated, or the devices' profile with --from-store).")
-@click.option("--version", "version", required=True, help="Version of the new model (e.g. 1.2.0).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Simulator and forest seed.")
-@click.option("--windows", default=2000, show_default=True, type=click.IntRange(2), help="Normal windows to train on (simulated).")
-@click.option("--trees", default=100, show_default=True, type=click.IntRange(1), help="Trees in the isolation forest.")
-@click.option("--parent", "parent_version", help="Version this one replaces (default: the current champion).")
-@click.option("--from-store", is_flag=True, help="Train on the features the devices stored (the aggregator config's store).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Aggregator config naming the store (--from-store).")
-@click.option("--since", help="Start of the stored window: epoch seconds, ISO 8601, or an age like 7d / 12h / 30m.")
-@click.option("--until", help="End of the stored window (same forms; default: now).")
-@click.option("--supervised", is_flag=True, help="Train a failure predictor on labelled windows (--from-store).")
-@click.option("--labels", "labels_path", type=click.Path(dir_okay=False), help="Labels file (default: <data-dir>/labels.sqlite).")
-@click.option("--horizon", default=0.0, show_default=True, type=click.FloatRange(0), help="Seconds before a fault that count as positive.")
-@click.option("--budget", default=120.0, show_default=True, type=click.FloatRange(0), help="Seconds the supervised search may spend.")
-@_DATA_DIR
-def train(profile, version, seed, windows, trees, parent_version, from_store, config_path, since,
-          until, supervised, labels_path, horizon, budget, data_dir) -> None:
-    """Train a model, sign it and add it to the registry.
-
-    Without --from-store: an isolation forest on simulated normal data. With it: an isolation
-    forest on the stored, unflagged feature rows of PROFILE, or with --supervised a failure
-    predictor on them and the labels (see aggregator/labels.py).
-    """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from aggregator.model_registry import RegistryError
-    from models.signing import SignatureError, sign
-
-    if supervised and not from_store:
-        raise click.UsageError("--supervised trains on stored features: add --from-store")
-    key = _private_key(data_dir)
-    registry = _registry(data_dir)
-    if parent_version is None:
-        parent_version = registry.champion(profile)
-    champion = registry.get(profile, parent_version).manifest if parent_version else None
-    console = Console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("reading training data", total=4)
-        try:
-            if from_store:
-                onnx_bytes, manifest = _train_from_store(
-                    progress, task, profile=profile, version=version, seed=seed, trees=trees,
-                    parent_version=parent_version, champion=champion, config_path=config_path,
-                    since=since, until=until, supervised=supervised, labels_path=labels_path,
-                    horizon=horizon, budget=budget, data_dir=data_dir)
-            else:
-                from models.training import simulated_training_set, train_isolation_forest
-
-                progress.update(task, description=f"simulating {windows} normal windows")
-                X, names = simulated_training_set(profile, seed, windows=windows)
-                progress.update(task, advance=1, description=f"fitting {trees} trees on {X.shape[0]} rows")
-                onnx_bytes, manifest = train_isolation_forest(
-                    X, names, version=version, profile=profile, seed=seed, n_estimators=trees,
-                    parent_version=parent_version, training_window=(0.0, X.shape[0] * 5.0),
-                )
-        except (ValueError, TypeError) as exc:  # too few rows, bad labels, a malformed version
-            raise click.ClickException(f"cannot build model {version!r}: {exc}") from None
-        progress.update(task, completed=2, total=4, description="signing")
-        try:
-            manifest = sign(manifest, onnx_bytes, key)
-        except SignatureError as exc:
-            raise click.ClickException(str(exc)) from None
-        progress.update(task, advance=1, description="storing in the registry")
-        try:
-            path = registry.add(onnx_bytes, manifest)
-        except RegistryError as exc:
-            raise click.ClickException(str(exc)) from None
-        progress.update(task, advance=1)
-    click.echo(_summary(manifest))
-    click.echo(f"stored in {path}")
-
-
-def _when(text, name):
-    """Seconds since the epoch from epoch seconds, ISO 8601 or an age ("7d", "12h", "30m", "45s")."""
-    import datetime as dt
-    import re
-    import time
-
-    if text is None:
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
-    if m:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-        return time.time() - float(m.group(1)) * unit
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected epoch seconds, ISO 8601 or an age like 7d", param_hint=name) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.timestamp()
-
-
-def _train_from_store(progress, task, *, profile, version, seed, trees, parent_version, champion,
-                      config_path, since, until, supervised, labels_path, horizon, budget, data_dir):
-    """The --from-store half of ``train``: (onnx_bytes, manifest)."""
-    import time
-
-    from aggregator.service import load, open_store
-    from models.training import load_training_rows, train_isolation_forest
-
-    start, end = _when(since, "--since"), _when(until, "--until")
-    if end is None:
-        end = time.time()
-    cfg = load(config_path, **({"data_dir": data_dir} if data_dir else {}))
-    store = open_store(cfg)
-    try:
-        progress.update(task, description=f"reading {profile} features from the {store.name} store")
-        kw = {"feature_names": champion.feature_names, "feature_set": champion.feature_set} if champion else {}
-        rows = load_training_rows(store, profile, start, end, **kw)
-    finally:
-        store.close()
-    progress.update(task, advance=1)
-    if not supervised:
-        progress.update(task, description=f"fitting {trees} trees on {len(rows.devices)} stored rows")
-        return train_isolation_forest(
-            rows.matrix, rows.names, version=version, profile=profile, seed=seed, n_estimators=trees,
-            parent_version=parent_version, training_window=(float(rows.times[0]), float(rows.times[-1])),
-            feature_set=kw.get("feature_set", "basic-v1"))
-    from aggregator.labels import LABELS_FILE, LabelStore, window_labels
-    from models.supervised import train_supervised
-
-    path = labels_path or (_data_dir(data_dir) / LABELS_FILE)
-    with LabelStore(path) as labels:
-        found = labels.list()
-    if not found:
-        raise ValueError(f"no labels in {path}; add fault windows first")
-    y = window_labels(rows.times, rows.devices, found, horizon_s=horizon)
-
-    def report(message, done, total):
-        progress.update(task, description=f"{message} [{done}/{total} candidates]")
-
-    return train_supervised(
-        rows.matrix, y, rows.times, rows.names, version=version, profile=profile, seed=seed,
-        budget_s=budget, horizon_s=horizon, parent_version=parent_version, on_progress=report,
-        feature_set=kw.get("feature_set", "basic-v1"))
 
 
 @models.command("list")
@@ -477,3 +334,8 @@ def rollout_status(profile, api_url, as_json, timeout) -> None:
         return
     for r in rollouts:
         click.echo(_rollout_line(r))
+
+
+# ``train`` and ``labels`` live in cli_train.py, which adds them to ``models`` with the helpers
+# above: imported last, so that either module may be imported first.
+import edgeloop.cli_train  # noqa: E402,F401

@@ -15,8 +15,8 @@ fsync'ed write-ahead log (``wal-fsync-delay`` 0, the default).
 
 Before encoding, the time guard (``timeguard``) plans every telemetry reading's stored time so that
 a device clock that steps back never replaces a stored reading. On 1.x ``open()`` also sets up the
-retention policies and the downsampling continuous query (``retention``). The read queries the
-API needs live in ``influx_queries``.
+retention policies and the downsampling continuous query (``retention``). The read queries (the
+API's, the time guard's and the training set's ``feature_rows``) live in ``influx_queries``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ import urllib3
 
 from edgeloop.wire import DeviceMessage
 
-from .base import DEFAULT_FEATURE_LIMIT, FeatureRows, Store, StoreError, StoreUnavailable
-from .base import WriteOutcome, check_feature_query, finish_feature_rows
+from .base import Store, StoreError, StoreUnavailable, WriteOutcome
 from .influx_queries import InfluxQueries
 from .lineproto import EncodedBatch, encode_batch
 from .retention import Retention, apply_v1
@@ -47,8 +46,6 @@ _DATABASE_RE = re.compile(DATABASE_PATTERN)
 #: HTTP statuses that refuse (part of) a body on its merits: bisect to find the culprits.
 _REFUSED = frozenset({400, 413, 422})
 _decode_json = msgspec.json.Decoder().decode
-#: Columns of the features measurement that are not features (tags and bookkeeping fields).
-_FEATURE_META = frozenset({"time", "device", "profile", "feature_set", "seq", "flags"})
 
 
 def _reason(body: bytes | str, status: int) -> str:
@@ -317,35 +314,6 @@ class InfluxStore(InfluxQueries, Store):
         return self._write_group(batch, indices[:mid]) + self._write_group(batch, indices[mid:])
 
     # -- read ---------------------------------------------------------------------------------
-
-    def feature_rows(
-        self, profile, start, end, *, feature_set, names=None, exclude_flagged=True,
-        limit=DEFAULT_FEATURE_LIMIT,
-    ) -> FeatureRows:
-        """See ``Store.feature_rows``. Values are bound; the statement text is constant."""
-        q = check_feature_query(profile, start, end, feature_set, names, exclude_flagged, limit)
-        where = ['"profile" = $profile', '"feature_set" = $feature_set']
-        params: dict[str, Any] = {"profile": q.profile, "feature_set": q.feature_set}
-        if q.exclude_flagged:
-            where.append('"flags" = $flags')
-            params["flags"] = 0
-        for bound, op, t in (("start", ">=", q.start), ("end", "<", q.end)):
-            if t is not None:
-                where.append(f"time {op} ${bound}")
-                params[bound] = round(t * 1e6) * 1000
-        statement = (
-            f'SELECT * FROM "features" WHERE {" AND ".join(where)} ORDER BY time DESC'
-            f" LIMIT {q.limit}"  # an int checked by check_feature_query
-        )
-        rows = []
-        for series in self.query(statement, params):
-            cols = series["columns"]
-            it, idev, iseq = cols.index("time"), cols.index("device"), cols.index("seq")
-            values = [(c, k) for k, c in enumerate(cols) if c not in _FEATURE_META]
-            for v in series.get("values") or []:
-                feats = {c: float(v[k]) for c, k in values if v[k] is not None}
-                rows.append((v[it], v[idev], v[iseq], feats))
-        return finish_feature_rows(q, rows)
 
     def _statement_errors(self, body: bytes) -> str:
         doc = _decode_json(body)

@@ -1,4 +1,5 @@
-"""The reads of the InfluxDB store: contract reads, API/dashboard queries, the time guard's look-ups.
+"""The reads of the InfluxDB store: contract reads, API/dashboard queries, training rows, the time
+guard's look-ups.
 
 A mixin of ``InfluxStore``, reading through its ``query`` (InfluxQL over ``/query``, which every
 InfluxDB generation serves). Values always go through bound parameters (``$device``, ``$start``,
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import StoreError, TelemetryRow
+from .base import DEFAULT_FEATURE_LIMIT, FeatureRows, StoreError, TelemetryRow, check_feature_query
+from .base import finish_feature_rows
 from .lineproto import MEASUREMENTS
 from .queries import check_device, check_field, check_profile, check_range, check_series
 from .queries import check_limit, check_window_series, empty_aggregates
@@ -21,6 +23,8 @@ __all__ = ["InfluxQueries"]
 
 #: Columns of the telemetry measurement that are not channels.
 _TELEMETRY_META = frozenset({"time", "device", "profile", "seq", "idx", "flags"})
+#: Columns of the features measurement that are not features (tags and bookkeeping fields).
+_FEATURE_META = frozenset({"time", "device", "profile", "feature_set", "seq", "flags"})
 
 
 def _ns(t: float) -> int:
@@ -235,6 +239,37 @@ class InfluxQueries:
             for v in (series.get("values") or [])[:1]:
                 features = [c for c, x in zip(cols, v) if c not in meta and x is not None]
         return {"telemetry": sorted(self.latest(device).get("values", {})), "features": sorted(features)}
+
+    # -- training sets (models.training.load_training_rows) -----------------------------------
+
+    def feature_rows(
+        self, profile, start, end, *, feature_set, names=None, exclude_flagged=True,
+        limit=DEFAULT_FEATURE_LIMIT,
+    ) -> FeatureRows:
+        """See ``Store.feature_rows``. Values are bound; the statement text is constant."""
+        q = check_feature_query(profile, start, end, feature_set, names, exclude_flagged, limit)
+        where = ['"profile" = $profile', '"feature_set" = $feature_set']
+        params: dict[str, Any] = {"profile": q.profile, "feature_set": q.feature_set}
+        if q.exclude_flagged:
+            where.append('"flags" = $flags')
+            params["flags"] = 0
+        for bound, op, t in (("start", ">=", q.start), ("end", "<", q.end)):
+            if t is not None:
+                where.append(f"time {op} ${bound}")
+                params[bound] = round(t * 1e6) * 1000
+        statement = (
+            f'SELECT * FROM "features" WHERE {" AND ".join(where)} ORDER BY time DESC'
+            f" LIMIT {q.limit}"  # an int checked by check_feature_query
+        )
+        rows = []
+        for series in self.query(statement, params):
+            cols = series["columns"]
+            it, idev, iseq = cols.index("time"), cols.index("device"), cols.index("seq")
+            values = [(c, k) for k, c in enumerate(cols) if c not in _FEATURE_META]
+            for v in series.get("values") or []:
+                feats = {c: float(v[k]) for c, k in values if v[k] is not None}
+                rows.append((v[it], v[idev], v[iseq], feats))
+        return finish_feature_rows(q, rows)
 
     # -- time guard and downsampling ----------------------------------------------------------
 
