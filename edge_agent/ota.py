@@ -11,17 +11,15 @@ install, to build the onnxruntime session (that is the model's own memory).
 
 Layout under ``state_dir``::
 
-    downloads/<version>/offer.json    the offer being downloaded (resume after a restart)
-    downloads/<version>/model.part    pre-sized; chunk i at offset i * chunk_size
-    downloads/<version>/have.bin      offer sha256 (64 hex bytes) + a bitmap of stored chunks
+    downloads/<version>/...                                    downloads in progress (edge_agent.ota_download)
     models/<version>/model.onnx, manifest.json, install.json   installed models
     keys/<fingerprint>.pem, keys/trusted.json                  held public keys (rotation)
     denied.json                                                {version: reason}
 
-Crash safety: ``have.bin`` is saved every :attr:`ModelReceiver.save_every` chunks or seconds,
-after the part file is synced, so a kill -9 (or power loss) at worst re-requests chunks. Every
-chunk is checked against ``chunk_sha256`` on arrival and the whole file against ``sha256`` before
-install, so no wrong byte is ever served.
+Crash safety: download progress is saved every :attr:`ModelReceiver.save_every` chunks or
+seconds (see :mod:`edge_agent.ota_download`), so a kill -9 (or power loss) at worst re-requests
+chunks. Every chunk is checked against ``chunk_sha256`` on arrival and the whole file against
+``sha256`` before install, so no wrong byte is ever served.
 
 Refusals raise :class:`ModelRefused` with a stable ``reason`` code (:data:`REASONS`).
 """
@@ -39,9 +37,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import msgspec
-
 from edge_agent.inference import Model, ModelError, SessionCache, sha256_file
+from edge_agent.ota_download import SAFE_VERSION as _VERSION, Downloads, PartialDownload, fsync_path
 from edgeloop import wire_models
 from edgeloop.files import write_atomic
 from models.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError
@@ -55,7 +52,6 @@ REASONS = (
 )
 INSTALL_FILE = "install.json"
 _UNCHECKED = object()  # load_installed without the version policy
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-+]{0,63}\Z")
 # models.signing reasons -> ours; a malformed HELD key is a missing usable key.
 _SIG_REASONS = {"sha256_mismatch": "sha256-mismatch", "malformed_key": "no-key"}
 # edge_agent.inference reasons -> ours; a graph onnxruntime cannot load fails the smoke test.
@@ -70,40 +66,6 @@ class ModelRefused(Exception):
             raise ValueError(f"unknown refusal reason {reason!r}; expected one of {REASONS}")
         super().__init__(detail)
         self.reason = reason
-
-
-class _Download:
-    """One model being downloaded: its offer, where its files are, which chunks are stored."""
-
-    def __init__(self, offer: wire_models.ModelOffer, directory: Path, have: bytearray | None = None) -> None:
-        self.offer = offer
-        self.dir = directory
-        self.have = have if have is not None else bytearray((offer.chunks + 7) // 8)
-        self.count = sum(bin(b).count("1") for b in self.have)
-        self.unsaved = 0
-        self.saved_at = time.monotonic()
-        self.verified_fp: str | None = ""  # fingerprint of the key that verified the offer ("": none yet)
-
-    @property
-    def part(self) -> Path:
-        return self.dir / "model.part"
-
-    def has(self, i: int) -> bool:
-        return bool(self.have[i >> 3] & (1 << (i & 7)))
-
-    def mark(self, i: int) -> None:
-        self.have[i >> 3] |= 1 << (i & 7)
-        self.count += 1
-        self.unsaved += 1
-
-    def chunk_len(self, i: int) -> int:
-        o = self.offer
-        return min(o.chunk_size, o.size - i * o.chunk_size)
-
-    def same_as(self, offer: wire_models.ModelOffer) -> bool:
-        o = self.offer
-        return (o.sha256, o.size, o.chunk_size, o.chunk_sha256, o.manifest) == (
-            offer.sha256, offer.size, offer.chunk_size, offer.chunk_sha256, offer.manifest)
 
 
 class ModelReceiver:
@@ -131,10 +93,10 @@ class ModelReceiver:
         self.durable = bool(durable)
         self.rejected_chunks = 0  # chunks that failed their length or sha256 check on arrival
         self._lock = threading.RLock()
-        self._downloads: dict[str, _Download] = {}
+        self._downloads = Downloads(self.state_dir / "downloads", write=self._write, durable=self.durable)
         self._models = self.state_dir / "models"
         self._keys = self.state_dir / "keys"
-        for d in (self.state_dir / "downloads", self._models, self._keys):
+        for d in (self._models, self._keys):
             d.mkdir(parents=True, exist_ok=True)
         self._denied: dict[str, str] = self._read_json(self.state_dir / "denied.json")
         self._key: bytes | None = None
@@ -142,7 +104,7 @@ class ModelReceiver:
         self._init_key(public_key)
         for tmp in self._models.glob(".*"):  # an install interrupted before its final rename
             shutil.rmtree(tmp, ignore_errors=True)
-        self._load_downloads()
+        self._downloads.resume(done=lambda version: self._installed_sha256(version) is not None)
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -212,20 +174,11 @@ class ModelReceiver:
             if dl is not None and dl.same_as(offer):
                 dl.verified_fp = self._key_fp  # (a download resumed from disk is checked again here)
                 return
-            self.drop(offer.version)
-            directory = self.state_dir / "downloads" / offer.version
-            directory.mkdir(parents=True)
-            fd = os.open(directory / "model.part", os.O_CREAT | os.O_WRONLY, 0o600)
             try:
-                _reserve(fd, offer.size)
+                dl = self._downloads.start(offer)
             except OSError as exc:
-                os.close(fd)
-                shutil.rmtree(directory, ignore_errors=True)
                 raise ModelRefused("too-large", f"model {offer.version}: cannot reserve {offer.size} bytes "
-                                   f"in {directory}: {exc.strerror or exc}") from exc
-            os.close(fd)
-            self._write(directory / "offer.json", msgspec.json.encode(offer))
-            dl = self._downloads[offer.version] = _Download(offer, directory)
+                                   f"in {self._downloads.root}: {exc.strerror or exc}") from exc
             dl.verified_fp = self._key_fp
 
     def on_chunk(self, version: str, index: int, data: bytes) -> bool:
@@ -238,14 +191,9 @@ class ModelReceiver:
             if len(data) != dl.chunk_len(index) or hashlib.sha256(data).hexdigest() != dl.offer.chunk_sha256[index]:
                 self.rejected_chunks += 1
                 return False
-            fd = os.open(dl.part, os.O_WRONLY)
-            try:
-                os.pwrite(fd, data, index * dl.offer.chunk_size)
-            finally:
-                os.close(fd)
-            dl.mark(index)
+            dl.store(index, data)
             if dl.unsaved >= self.save_every[0] or time.monotonic() - dl.saved_at >= self.save_every[1]:
-                self._save(dl)
+                self._downloads.save(dl)
             return True
 
     def progress(self, version: str) -> tuple[int, int]:
@@ -259,36 +207,17 @@ class ModelReceiver:
         complete or not being downloaded."""
         with self._lock:
             dl = self._downloads.get(version)
-            if dl is None:
-                return []
-            out: list[tuple[int, int]] = []
-            n, i, start = dl.offer.chunks, 0, None
-            while i < n:
-                if start is None and not i & 7 and dl.have[i >> 3] == 0xFF:
-                    i += 8  # eight stored chunks at once
-                    continue
-                if dl.has(i):
-                    if start is not None:
-                        out.append((start, i - 1))
-                        start = None
-                        if max_ranges is not None and len(out) >= max_ranges:
-                            return out
-                elif start is None:
-                    start = i
-                i += 1
-            if start is not None and (max_ranges is None or len(out) < max_ranges):
-                out.append((start, n - 1))
-            return out
+            return dl.missing(max_ranges) if dl is not None else []
 
     def complete(self, version: str) -> bool:
         with self._lock:
             dl = self._downloads.get(version)
-            return dl is not None and dl.count == dl.offer.chunks
+            return dl is not None and dl.complete
 
     def pending(self) -> list[str]:
         """Versions being downloaded (also those resumed from disk after a restart)."""
         with self._lock:
-            return sorted(self._downloads)
+            return self._downloads.versions()
 
     def offer(self, version: str) -> wire_models.ModelOffer | None:
         """The offer a pending download follows (to resubscribe after a restart)."""
@@ -299,16 +228,12 @@ class ModelReceiver:
     def flush(self) -> None:
         """Persist the progress of every download now (e.g. before a clean stop)."""
         with self._lock:
-            for dl in self._downloads.values():
-                if dl.unsaved:
-                    self._save(dl)
+            self._downloads.flush()
 
     def drop(self, version: str) -> None:
         """Forget a download and delete its files (no error if there is none)."""
         with self._lock:
-            self._downloads.pop(version, None)
-            if _VERSION.match(version):
-                shutil.rmtree(self.state_dir / "downloads" / version, ignore_errors=True)
+            self._downloads.drop(version)
 
     # -- installing -------------------------------------------------------------------------------
 
@@ -326,7 +251,7 @@ class ModelReceiver:
 
         with self._lock:
             dl = self._downloads.get(version)
-            if dl is None or dl.count != dl.offer.chunks:
+            if dl is None or not dl.complete:
                 have, total = self.progress(version)
                 raise ValueError(f"model {version}: no complete download to install ({have} of {total} chunks)")
             try:
@@ -469,12 +394,12 @@ class ModelReceiver:
 
     # -- files ------------------------------------------------------------------------------------
 
-    def _place(self, dl: _Download, manifest: Manifest) -> None:
+    def _place(self, dl: PartialDownload, manifest: Manifest) -> None:
         """Move the verified part file into ``models/<version>/`` (a rename, not a copy)."""
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.", dir=self._models))
         try:
             if self.durable:
-                _fsync_path(dl.part)
+                fsync_path(dl.part)
             os.rename(dl.part, tmp / MODEL_FILE)
             self._write(tmp / MANIFEST_FILE, dl.offer.manifest.encode())
             info = {"sha256": dl.offer.sha256, "signed_by": self._key_fp, "installed_at": time.time()}
@@ -497,28 +422,6 @@ class ModelReceiver:
         if not (directory / MODEL_FILE).is_file():
             return None
         return self._read_json(directory / INSTALL_FILE).get("sha256") or sha256_file(directory / MODEL_FILE)
-
-    def _save(self, dl: _Download) -> None:
-        if self.durable:
-            _fsync_path(dl.part)  # the bitmap must never claim bytes that are not on disk
-        self._write(dl.dir / "have.bin", dl.offer.sha256.encode() + bytes(dl.have))
-        dl.unsaved, dl.saved_at = 0, time.monotonic()
-
-    def _load_downloads(self) -> None:
-        for directory in (self.state_dir / "downloads").iterdir():
-            try:
-                offer = wire_models.decode_offer((directory / "offer.json").read_bytes())
-                if offer.version != directory.name or self._installed_sha256(offer.version) is not None:
-                    raise ValueError("already installed or misplaced")
-                have = None
-                raw = (directory / "have.bin").read_bytes() if (directory / "have.bin").is_file() else b""
-                if raw[:64] == offer.sha256.encode() and len(raw) == 64 + (offer.chunks + 7) // 8:
-                    have = bytearray(raw[64:])
-                if not (directory / "model.part").is_file():
-                    raise ValueError("no part file")
-                self._downloads[offer.version] = _Download(offer, directory, have)
-            except (OSError, ValueError, msgspec.MsgspecError):
-                shutil.rmtree(directory, ignore_errors=True)  # unreadable or done: start over if re-offered
 
     def _write(self, path: Path, data: bytes) -> None:
         if self.durable:
@@ -546,24 +449,3 @@ def _parse_manifest(raw: bytes, version: str) -> Manifest:
 
 def _fingerprint(key: bytes) -> str:
     return hashlib.sha256(bytes(key).strip()).hexdigest()[:32]
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _reserve(fd: int, size: int) -> None:
-    """Pre-size the part file, reserving the blocks where the system can (a full disk fails now,
-    not half-way through the download)."""
-    if hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fd, 0, size)
-            return
-        except OSError as exc:
-            if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: a filesystem without fallocate
-                raise
-    os.ftruncate(fd, size)

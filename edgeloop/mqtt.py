@@ -321,6 +321,16 @@ class MqttLink:
         if self.network_loop is not None:
             self.network_loop.wake(self._client)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving ``topic_filter`` (e.g. the chunks of a download that ended). While
+        disconnected nothing is sent: a clean session has forgotten the subscription already,
+        a persistent one keeps it."""
+        if self._client is None:
+            raise MqttError("unsubscribe before start()")
+        self._client.unsubscribe(topic_filter)
+        if self.network_loop is not None:
+            self.network_loop.wake(self._client)
+
     def ack(self, mid: int, qos: int) -> None:
         if self._client is not None and qos > 0:
             self._client.ack(mid, qos)

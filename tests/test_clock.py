@@ -101,3 +101,40 @@ def test_the_real_clocks_do_not_step_in_a_short_run():
     watch = ClockWatch(1.0)
     for _ in range(100):
         assert watch.observe(time.monotonic(), time.time()) is None
+
+
+@pytest.mark.parametrize("speed, simulated_clock", [(50.0, False), (1.0, True)])
+def test_an_agent_on_a_simulated_clock_flags_offset_steps_not_its_speed(tmp_path, speed, simulated_clock):
+    """A simulated device clock runs on the sampling schedule (at speed 50, fifty times faster
+    than the monotonic clock): that is no step. Moving ``clock_offset_s`` (what
+    :meth:`simulators.fleet.FleetRunner.clock_step` does) is, flagged on one reading each time.
+    The agent is stepped with synthetic monotonic times; no broker is needed."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig, MqttSettings, SamplingSettings
+    from edge_agent.quality import CLOCK_STEP
+    from edgeloop import wire
+    from tests.services import free_port
+
+    accepted: list = []
+    cfg = AgentConfig(device_id="clock-sim", data_dir=str(tmp_path),
+                      mqtt=MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}", protocol="5"),
+                      sampling=SamplingSettings(rate_hz=10.0, batch_s=1.0, window_s=5.0, speed=speed))
+    agent = Agent(cfg, on_accept=accepted.append)
+    agent.simulated_clock, agent.catch_up_s = simulated_clock, 5.0
+    agent.open(connect_timeout=0.1)
+    try:
+        start, real_step = 1000.0, 20.0 / speed  # 20 device seconds (200 samples) per phase
+        for phase, offset in enumerate((0.0, 3600.0, 3600.0 - 2.5)):
+            agent.clock_offset_s = offset
+            for k in range(1, 11):
+                agent.step(start + (phase + k / 10) * real_step)
+        agent.finish_sampling()
+    finally:
+        agent.close(0)
+    readings = [r for m in accepted if isinstance(m, wire.Telemetry) for r in m.readings]
+    assert len(readings) >= 550
+    flagged = [i for i, r in enumerate(readings) if r.flags & CLOCK_STEP]
+    assert len(flagged) == 2, [readings[i - 1:i + 1] for i in flagged]
+    for i, size in zip(flagged, (3600.0, -2.5)):
+        assert readings[i].t - readings[i - 1].t == pytest.approx(0.1 + size, abs=1e-6)
+    assert agent._clock.steps == 2 and agent._clock.last.step_s == pytest.approx(-2.5, abs=1e-6)
