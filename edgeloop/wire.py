@@ -85,7 +85,8 @@ RESERVED_NAMES = frozenset({"seq", "idx", "flags", "time", "device", "profile", 
 
 DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
-Version = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-+]{0,63}\Z")]
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-+]{0,63}\Z"
+Version = Annotated[str, Meta(pattern=VERSION_PATTERN)]
 Text = Annotated[str, Meta(max_length=1024)]
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 # NaN and the infinities fail these bounds, so they never pass the decoder.

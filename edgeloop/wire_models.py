@@ -24,6 +24,7 @@ Chunk payloads are the raw model bytes (no JSON): chunk ``i`` holds bytes
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -32,6 +33,7 @@ from msgspec import Meta, Struct
 from edgeloop.wire import (
     DEVICE_ID_PATTERN,
     TOPIC_ROOT,
+    VERSION_PATTERN,
     DeviceId,
     Text,
     Timestamp,
@@ -53,6 +55,7 @@ __all__ = [
     "offer_topic",
     "chunk_topic",
     "version_filter",
+    "topic_version",
     "key_topic",
     "chunkreq_topic",
     "desired_models_topic",
@@ -150,17 +153,29 @@ def _profile_ok(profile: str) -> str:
     return profile
 
 
+_VERSION_RE = re.compile(VERSION_PATTERN)
+
+
+def topic_version(version: str) -> str:
+    """``version`` as a topic level. Versions may carry a ``+build`` suffix (rollback entries are
+    ``1.2.0+rollback.1``), and ``+`` is a wildcard in MQTT: it travels as ``~``, which no version
+    contains, so the mapping is one to one (:func:`parse_chunk_topic` maps it back)."""
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"invalid model version {version!r}: must match {VERSION_PATTERN}")
+    return version.replace("+", "~")
+
+
 def offer_topic(profile: str, version: str) -> str:
-    return f"{TOPIC_ROOT}/models/{_profile_ok(profile)}/{version}/offer"
+    return f"{TOPIC_ROOT}/models/{_profile_ok(profile)}/{topic_version(version)}/offer"
 
 
 def chunk_topic(profile: str, version: str, index: int) -> str:
-    return f"{TOPIC_ROOT}/models/{_profile_ok(profile)}/{version}/chunk/{int(index)}"
+    return f"{TOPIC_ROOT}/models/{_profile_ok(profile)}/{topic_version(version)}/chunk/{int(index)}"
 
 
 def version_filter(profile: str, version: str) -> str:
     """What a device subscribes to while it needs ``version``: its offer and its chunks."""
-    return f"{TOPIC_ROOT}/models/{_profile_ok(profile)}/{version}/#"
+    return f"{TOPIC_ROOT}/models/{_profile_ok(profile)}/{topic_version(version)}/#"
 
 
 def key_topic(profile: str) -> str:
@@ -190,7 +205,7 @@ def parse_chunk_topic(name: str) -> tuple[str, str, int] | None:
         return None
     if not 0 <= index < MAX_CHUNKS or str(index) != parts[6]:
         return None
-    return parts[3], parts[4], index
+    return parts[3], parts[4].replace("~", "+"), index
 
 
 _offer_decoder = msgspec.json.Decoder(ModelOffer)

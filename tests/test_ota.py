@@ -307,3 +307,17 @@ def test_key_rotation_signed_by_the_current_key_lets_models_signed_by_the_new_ke
     assert agent.model.version == "1.2.0"
     # Leave no retained key behind on the session broker (the profile is this test's own anyway).
     assert rig.agg.ingest.link.publish(wire_models.key_topic(rig.profile), b"", qos=1, retain=True)
+
+
+def test_a_version_with_a_build_suffix_travels_although_plus_is_an_mqtt_wildcard(rig):
+    """Rollback entries are named ``<version>+rollback.<n>``; ``+`` may not appear in a topic name,
+    so versions travel as ``~`` in topics and the device still gets and serves the model."""
+    version = "1.1.0+rollback.1"
+    assert "+" not in wire_models.version_filter(rig.profile, version).replace("/#", "")
+    rig.add_model(version)
+    agent = rig.agent(0)
+    rig.start(agent)
+    rig.agg.ota.set_desired(agent.device, champion=version, shadow=None)
+    rig.agg.ota.offer(rig.profile, version)
+    rig.wait_state([agent.device], version, "active")
+    assert agent.model.version == version
