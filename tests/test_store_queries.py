@@ -218,6 +218,40 @@ def test_a_clock_step_back_never_replaces_stored_readings(backend, store, profil
     assert stored_rows(store, "clk-1") == got and store.count("telemetry") == 51
 
 
+def test_concurrent_writes_with_clock_steps_lose_and_replace_nothing(backend, store):
+    """The ingest keeps several writes in flight. Monotonic batches write at once; a batch that
+    needs the guard to look at the store (a clock stepped back, a repeat) waits for them and
+    writes alone, so it never takes a time another batch is writing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    devices = [f"cc-{k}" for k in range(4)]
+    batches = []
+    for d in devices:
+        first, stepped = step_back_messages(device=d)
+        batches += [first[:1], first[1:2], first[2:], stepped[:1], stepped[1:], first[1:2]]
+    with ThreadPoolExecutor(4) as pool:  # as many writers as the ingest's writes in flight
+        outcomes = list(pool.map(store.write, batches))
+    assert all(o.rejected == [] for o in outcomes)
+    for d in devices:
+        first, stepped = step_back_messages(device=d)
+        expected = {k: (v[1], v[2] & ~FLAG_TIME_ADJUSTED) for k, v in expected_rows(first + stepped).items()}
+        got = stored_rows(store, d)
+        assert {k: (v[1], v[2] & ~FLAG_TIME_ADJUSTED) for k, v in got.items()} == expected, d
+        assert store.count("telemetry", d) == 51
+
+
+def test_a_plan_without_lookups_takes_only_the_monotonic_path():
+    guard = TimeGuard(lambda *args: pytest.fail("no lookup may happen"))
+    msgs = [telemetry("d", seq, T0 + seq, n=5) for seq in range(4)]
+    plan = guard.plan(msgs[:2], allow_lookup=False)
+    assert plan is not None and plan.checked == 0 and plan.times_us[0] and plan.adjusted == {}
+    newest = guard.newest("d", msgs[0].profile)
+    assert guard.plan(msgs[:1], allow_lookup=False) is None  # a repeat would need a lookup
+    assert guard.plan(msgs[2:] + msgs[:1], allow_lookup=False) is None  # nothing of it remembered
+    assert guard.newest("d", msgs[0].profile) == newest
+    assert guard.plan(msgs[2:], allow_lookup=False) is not None
+
+
 def test_the_normal_path_looks_nothing_up():
     looked_up = []
     guard = TimeGuard(lambda *args: looked_up.append(args) or [])

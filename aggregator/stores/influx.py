@@ -131,7 +131,11 @@ class InfluxStore(InfluxQueries, Store):
         self._v2_write: Any = None
         self.retention = retention
         self.guard = TimeGuard(self._stored_points)
-        self._write_lock = threading.Lock()
+        # Writes whose readings all take the guard's monotonic path run at once (up to the ingest's
+        # writes in flight); one that needs the guard to look at the store runs alone: it waits
+        # for the writes in flight, and none starts until it is written (see TimeGuard.plan).
+        self._write_cond = threading.Condition()
+        self._writes_in_flight = 0
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -272,12 +276,26 @@ class InfluxStore(InfluxQueries, Store):
     def write(self, messages: Sequence[DeviceMessage]) -> WriteOutcome:
         if self.generation is None:
             raise StoreError("InfluxStore.write called before open()")
-        with self._write_lock:  # the guard's plan holds until its points are written
-            plan = self.guard.plan(messages)
-            batch = encode_batch(messages, plan.times_us, plan.adjusted)
-            for i, _ in plan.rejected:
-                batch.chunks[i], batch.line_counts[i] = None, 0
-            return self._write_batch(batch, plan.rejected)
+        with self._write_cond:
+            plan = self.guard.plan(messages, allow_lookup=False)
+            while plan is None and self._writes_in_flight:
+                self._write_cond.wait()
+                plan = self.guard.plan(messages, allow_lookup=False)
+            if plan is None:  # a repeat or a clock step: look, place and write with nothing else in flight
+                return self._write_planned(messages, self.guard.plan(messages))
+            self._writes_in_flight += 1
+        try:
+            return self._write_planned(messages, plan)
+        finally:
+            with self._write_cond:
+                self._writes_in_flight -= 1
+                self._write_cond.notify_all()
+
+    def _write_planned(self, messages: Sequence[DeviceMessage], plan) -> WriteOutcome:
+        batch = encode_batch(messages, plan.times_us, plan.adjusted)
+        for i, _ in plan.rejected:
+            batch.chunks[i], batch.line_counts[i] = None, 0
+        return self._write_batch(batch, plan.rejected)
 
     def _write_batch(self, batch: EncodedBatch, refused: list[tuple[int, str]]) -> WriteOutcome:
         rejected = list(batch.rejected) + refused

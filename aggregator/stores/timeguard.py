@@ -72,14 +72,19 @@ class TimeGuard:
     def newest(self, device: str, profile: str = "") -> int | None:
         return self._newest.get((device, profile))
 
-    def plan(self, messages: Sequence[DeviceMessage]) -> Plan:
+    def plan(self, messages: Sequence[DeviceMessage], *, allow_lookup: bool = True) -> Plan | None:
         """Times for every reading of ``messages``; remembers them as stored.
 
-        Call it under the same lock as the write that follows (``InfluxStore.write`` does), so
-        that two batches never pick the same free time.
+        With ``allow_lookup=False`` it plans only when every telemetry message takes the normal,
+        monotonic path (no store lookup, nothing to place), and returns None, remembering nothing,
+        otherwise. Such plans never collide with one another, so their writes may run at once.
+        A plan that looks at the store must see every earlier write finished, and its own write
+        must finish before the next plan: ``InfluxStore.write`` arranges both.
         """
         plan = Plan(len(messages))
         in_batch: dict[tuple[str, str], list[int]] = {}
+        if not allow_lookup:
+            return self._plan_monotonic(messages, plan)
         with self._lock:
             for i, m in enumerate(messages):
                 if type(m) is not Telemetry:
@@ -96,6 +101,21 @@ class TimeGuard:
                     if not self._place(i, m, us, plan, in_batch.get(key, ()), messages):
                         continue
                 in_batch.setdefault(key, []).append(i)
+        return plan
+
+    def _plan_monotonic(self, messages: Sequence[DeviceMessage], plan: Plan) -> Plan | None:
+        newest: dict[tuple[str, str], int] = {}
+        with self._lock:
+            for i, m in enumerate(messages):
+                if type(m) is not Telemetry:
+                    continue
+                us = [round(r.t * 1e6) for r in m.readings]
+                key = (m.device, m.profile)
+                if min(us) * 1000 <= newest.get(key, self._newest.get(key, -1)) or len(set(us)) != len(us):
+                    return None
+                plan.times_us[i] = us
+                newest[key] = max(us) * 1000
+            self._newest.update(newest)
         return plan
 
     def _place(
