@@ -129,19 +129,25 @@ class LabelStore:
 
 
 def window_labels(
-    times: np.ndarray, devices: Sequence[str], labels: Iterable[Label], horizon_s: float = 0.0
+    times: np.ndarray, devices: Sequence[str], labels: Iterable[Label], horizon_s: float = 0.0,
+    after_s: float = 0.0,
 ) -> np.ndarray:
     """True for each window (end time ``times[k]`` of ``devices[k]``) inside a fault window of
-    its device or within ``horizon_s`` before one starts."""
-    if not horizon_s >= 0:
-        raise ValueError(f"horizon_s must be >= 0, got {horizon_s}")
+    its device, within ``horizon_s`` before one starts or within ``after_s`` after it ends.
+
+    ``after_s`` is for leaving data out rather than for targets: a machine is not back to normal
+    the moment a fault window closes (a worn bearing cools for minutes), so training and drift
+    checks skip a margin after each fault as well as the horizon before it."""
+    for name, value in (("horizon_s", horizon_s), ("after_s", after_s)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     times = np.asarray(times, dtype=np.float64)
     if times.shape[0] != len(devices):
         raise ValueError(f"{times.shape[0]} times but {len(devices)} devices")
     devs = np.asarray(devices, dtype=object)
     y = np.zeros(times.shape[0], dtype=bool)
     for lb in labels:
-        y |= (devs == lb.device) & (times >= lb.start - horizon_s) & (times < lb.end)
+        y |= (devs == lb.device) & (times >= lb.start - horizon_s) & (times < lb.end + after_s)
     return y
 
 

@@ -10,6 +10,14 @@ unflagged features when
 * ``schedule_s`` has passed since the profile's last model (None: never on time alone), or
 * someone asks: :meth:`Retrainer.retrain_now`.
 
+Labelled faults (:mod:`aggregator.labels`: maintenance records, a simulator's ground truth) are
+left out of both the drift check and the training rows, with ``label_horizon_s`` before each fault
+and ``label_margin_s`` after it: a fault is not drift, and a model of "normal" must not learn the
+faults it is meant to catch (measured on the drift scenario: bearing wear alone moved
+bearing_temp's PSI to 2-8 and the model retrained on it missed the next faults). Quality-flagged
+windows are left out too (the store's ``exclude_flagged``). The decision threshold is the
+``threshold_quantile`` of the training scores.
+
 The new model is compared with the champion on the recent window (:func:`models.evaluation.compare`,
 stored in its manifest's metrics), signed, added to the registry as the next version with the
 champion as parent, and handed to ``on_new_model(profile, version)``: the rollout manager decides
@@ -28,14 +36,44 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+
+from aggregator.labels import window_labels
 from aggregator.model_registry import ModelRegistry
 from models.drift import DEFAULT_PSI_THRESHOLD, DriftReport, drift_report
 from models.features import FEATURE_SET
 from models.signing import load_private_key, sign, version_key
 
-__all__ = ["DriftMonitor", "Retrainer", "RetrainDecision", "next_version"]
+__all__ = ["DriftMonitor", "Retrainer", "RetrainDecision", "next_version", "label_exclusion"]
 
 log = logging.getLogger(__name__)
+
+#: ``(start, end) -> labels overlapping [start, end)`` of every device (``LabelStore.list``).
+LabelSource = Callable[[float, float], Sequence]
+
+
+def label_exclusion(labels: LabelSource | None, horizon_s: float = 60.0, margin_s: float = 120.0):
+    """A row filter ``(times, devices) -> mask`` marking windows from ``horizon_s`` before a
+    labelled fault of their device to ``margin_s`` after it (None without labels)."""
+    if labels is None:
+        return None
+
+    def exclude(times: np.ndarray, devices: Sequence[str]) -> np.ndarray:
+        if not len(devices):
+            return np.zeros(0, dtype=bool)
+        found = labels(float(np.min(times)) - margin_s, float(np.max(times)) + horizon_s + 1e-6)
+        return window_labels(times, devices, found, horizon_s=horizon_s, after_s=margin_s)
+
+    return exclude
+
+
+def _without(rows, exclude):
+    """``rows`` (a store's FeatureRows) less those ``exclude`` marks."""
+    if exclude is None or not len(rows.devices):
+        return rows
+    keep = np.flatnonzero(~exclude(np.asarray(rows.times, dtype=np.float64), rows.devices))
+    return rows._replace(times=np.asarray(rows.times)[keep], devices=[rows.devices[k] for k in keep],
+                         matrix=rows.matrix[keep])
 
 
 def next_version(versions: Sequence[str]) -> str:
@@ -54,28 +92,38 @@ def next_version(versions: Sequence[str]) -> str:
 
 
 class DriftMonitor:
-    """Drift of a profile's recent features against its champion's training window."""
+    """Drift of a profile's recent features against its champion's training window, both
+    without the windows ``exclude`` marks (see :func:`label_exclusion`)."""
 
     def __init__(
         self, store, models: ModelRegistry, *, recent_s: float = 3600.0,
         psi_threshold: float = DEFAULT_PSI_THRESHOLD, min_rows: int = 50,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, exclude=None, fallback_s: float = 86400.0,
     ) -> None:
         self.store, self.models = store, models
         self.recent_s, self.psi_threshold, self.min_rows = recent_s, psi_threshold, min_rows
+        self.fallback_s = fallback_s
         self.clock = clock
+        self.exclude = exclude
 
     def check(self, profile: str) -> DriftReport | None:
-        """The drift report, or None when there is no champion or too few rows to judge."""
+        """The drift report, or None when there is no champion or too few rows to judge.
+
+        A champion trained elsewhere (a factory model, or a rollback to one) has no training
+        window in the store: the reference is then the ``recent_s`` that began ``fallback_s``
+        ago (the oldest part of what a retrain would learn from), so the loop keeps watching."""
         champion = self.models.champion(profile)
         if champion is None:
             return None
         manifest = self.models.get(profile, champion).manifest
         lo, hi = manifest.training_window
         now = self.clock()
+        if not hi > lo:
+            lo = max(0.0, now - self.fallback_s)
+            hi = min(lo + self.recent_s, now - self.recent_s)
         kw = {"feature_set": manifest.feature_set, "names": manifest.feature_names}
-        reference = self.store.feature_rows(profile, lo, hi + 1e-6, **kw) if hi > lo else None
-        recent = self.store.feature_rows(profile, max(0.0, now - self.recent_s), now, **kw)
+        reference = _without(self.store.feature_rows(profile, lo, hi + 1e-6, **kw), self.exclude) if hi > lo else None
+        recent = _without(self.store.feature_rows(profile, max(0.0, now - self.recent_s), now, **kw), self.exclude)
         if reference is None or min(len(reference.devices), len(recent.devices)) < self.min_rows:
             log.info("drift %s: too few rows to judge (champion %s)", profile, champion)
             return None
@@ -113,6 +161,10 @@ class Retrainer:
         n_estimators: int = 100,
         seed: int = 0,
         clock: Callable[[], float] = time.time,
+        labels: LabelSource | None = None,
+        label_horizon_s: float = 60.0,
+        label_margin_s: float = 120.0,
+        threshold_quantile: float = 0.995,
     ) -> None:
         self.store, self.models = store, models
         self._key = load_private_key(signing_key)
@@ -122,8 +174,10 @@ class Retrainer:
         self.recent_s = recent_s
         self.on_new_model = on_new_model
         self.clock = clock
-        self.monitor = DriftMonitor(store, models, recent_s=recent_s,
-                                    psi_threshold=drift_threshold, clock=clock)
+        self.threshold_quantile = threshold_quantile
+        self.exclude = label_exclusion(labels, label_horizon_s, label_margin_s)
+        self.monitor = DriftMonitor(store, models, recent_s=recent_s, psi_threshold=drift_threshold,
+                                    clock=clock, exclude=self.exclude, fallback_s=train_s)
         self._lock = threading.Lock()  # one training at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -185,13 +239,14 @@ class Retrainer:
                 self.store, profile, max(0.0, now - self.train_s), now, version=version,
                 feature_names=names, feature_set=feature_set, min_rows=self.min_rows,
                 seed=self.seed, n_estimators=self.n_estimators, parent_version=champion,
+                exclude=self.exclude, threshold_quantile=self.threshold_quantile,
             )
             if report is not None:
                 manifest.metrics.update(report.as_metrics())
             if entry is not None:
-                recent = self.store.feature_rows(
+                recent = _without(self.store.feature_rows(
                     profile, max(0.0, now - self.recent_s), now, feature_set=feature_set,
-                    names=manifest.feature_names)
+                    names=manifest.feature_names), self.exclude)
                 if recent.devices:
                     manifest.metrics.update(compare(
                         Model.load((onnx_bytes, manifest)),

@@ -16,7 +16,8 @@ One rollout per profile at a time, a small state machine persisted as JSON under
   fractions of the profile's devices); a wave is done when each of its online devices reported
   ``active`` (or after ``wave_timeout_s``, naming the laggards). Then ``ModelRegistry.promote``.
 * ``watching``: the new champion's first ``watch_windows`` windows fleet-wide are compared with
-  the baseline (:func:`~aggregator.rollout_gate.evaluate_watch`); worse, or any device rejecting
+  the baseline (:func:`~aggregator.rollout_gate.evaluate_watch`; with labels, false alarms against
+  the old champion's canary-time ones); worse, or any device rejecting
   the model, rolls back: a signed rollback entry (:mod:`aggregator.model_rollback`) is offered and
   made every device's champion, and the registry points at it.
 
@@ -41,7 +42,7 @@ from edgeloop import wire
 from edgeloop.files import write_atomic
 from aggregator.rollout_gate import RolloutPolicy, evaluate_gate, evaluate_watch
 from aggregator.rollout_state import (ACTIVE_STATES, MAX_EVENTS, STATES, LiveRollout, Rollout, RolloutError,
-                                      canary_count, encode_rollout, gate_truth, load_rollouts, plan_waves,
+                                      baseline_false_rate, canary_count, encode_rollout, gate_truth, load_rollouts, plan_waves,
                                       record_deployment, record_inference, summarize, watch_truth)
 
 __all__ = ["RolloutManager", "RolloutError", "Rollout", "ACTIVE_STATES", "STATES"]
@@ -226,7 +227,8 @@ class RolloutManager:
             rejections = list(r.rejections)
         final = now - r.started_at >= self.policy.canary_timeout_s
         full = all(len(p) >= self.policy.gate_windows for p in pairs.values())
-        truth = gate_truth(pairs, self._labels) if (full or final) and not rejections else None
+        margins = (self.policy.label_lead_s, self.policy.label_after_s)  # near a fault: not judged
+        truth = gate_truth(pairs, self._labels, *margins) if (full or final) and not rejections else None
         verdict = evaluate_gate(pairs, self.policy, truth=truth, rejections=rejections, final=final)
         if not verdict.ready:
             return
@@ -273,11 +275,15 @@ class RolloutManager:
             if final:
                 self._finish(r, now, "done", "watch timed out without any window of the new champion")
             return
-        baseline = (r.baseline_anomalies / r.baseline_windows if r.baseline_windows else
-                    (r.gate.stats.get("all", {}).get("champion_rate") or 0.0) if r.gate else 0.0)
-        truth = watch_truth(watch, self._labels) if r.baseline_f1 is not None else None
+        baseline = (r.baseline_anomalies / r.baseline_windows if r.baseline_windows
+                    else (r.gate.stats.get("all", {}).get("champion_rate") or 0.0) if r.gate else 0.0)
+        margins = (self.policy.label_lead_s, self.policy.label_after_s)
+        truth = watch_truth(watch, self._labels, *margins)
+        with self._lock:
+            before = list(r.baseline)
+        baseline_fa = baseline_false_rate(before, self._labels, *margins) if truth is not None else None
         verdict = evaluate_watch([w[2] for w in watch], baseline, self.policy, truth=truth,
-                                 baseline_f1=r.baseline_f1, final=final)
+                                 baseline_f1=r.baseline_f1, baseline_false_rate=baseline_fa, final=final)
         if not verdict.ready:
             return
         r.watch_verdict = verdict

@@ -16,6 +16,17 @@ The checks, all set by :class:`RolloutPolicy`:
 * **F1** where labels exist: shadow F1 >= champion F1 - ``f1_tolerance``, on windows whose truth is
   known (a window is positive when its end falls inside a labelled fault window);
 * **rejections**: any canary reporting the challenger ``rejected`` or ``rolled_back`` fails the gate.
+
+**Labels decide when they cover the evidence.** When every canary's windows are labelled (the
+labels provider answered for each, even with "no fault here"), the truth is known, and agreement
+and raw anomaly rates stop being vetoes: a challenger that catches a real fault the champion
+misses raises its anomaly rate, and one that no longer raises the champion's false alarms after a
+drift disagrees with it; both are better, not worse. Then the checks are F1 (when the windows hold
+a fault) and the **false-alarm rate** (flagged share of the windows labelled normal) against the
+champion's plus ``max_rate_increase`` and under the ``max_anomaly_rate`` cap. Without labels, or
+with only some canaries labelled, agreement and rates decide as above (F1 added where labelled).
+The watch does the same: labelled watch windows are judged by F1 and the false-alarm rate against
+the old champion's, unlabelled ones by the anomaly rate.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 __all__ = ["RolloutPolicy", "Pair", "Verdict", "evaluate_gate", "evaluate_watch", "f1_score",
-           "label_windows", "percentile"]
+           "false_alarm_rate", "label_windows", "percentile"]
 
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 
@@ -49,6 +60,10 @@ class RolloutPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
     canary_timeout_s: Annotated[float, Meta(gt=0)] = 3600.0  # no verdict by then: rejected
     wave_timeout_s: Annotated[float, Meta(gt=0)] = 600.0  # a wave stops waiting for silent devices
     watch_timeout_s: Annotated[float, Meta(gt=0)] = 86400.0  # too few windows by then: judged on what came
+    #: Labelled windows this long before a fault or after it are neither fault nor normal (an early
+    #: warning, a machine settling back): not judged.
+    label_lead_s: Annotated[float, Meta(ge=0)] = 60.0
+    label_after_s: Annotated[float, Meta(ge=0)] = 120.0
 
     def __post_init__(self) -> None:
         if list(self.waves) != sorted(self.waves) or self.waves[-1] != 1.0:
@@ -94,20 +109,38 @@ def _window_bounds(window) -> tuple[float, float]:
     return float(start), float(end)
 
 
-def label_windows(window_ends: Iterable[float], faults: Iterable) -> list[bool]:
-    """Ground truth per window: True when its end lies inside one of the fault windows."""
+def label_windows(window_ends: Iterable[float], faults: Iterable, lead_s: float = 0.0,
+                  after_s: float = 0.0) -> list[bool | None]:
+    """Ground truth per window: True when its end lies inside one of the fault windows, None
+    (unknown: not judged) within ``lead_s`` before or ``after_s`` after one, else False."""
     spans = sorted(_window_bounds(w) for w in faults)
-    return [any(lo <= t <= hi for lo, hi in spans) for t in window_ends]
+    out: list[bool | None] = []
+    for t in window_ends:
+        if any(lo <= t <= hi for lo, hi in spans):
+            out.append(True)
+        elif any(lo - lead_s <= t <= hi + after_s for lo, hi in spans):
+            out.append(None)
+        else:
+            out.append(False)
+    return out
 
 
-def f1_score(truth: Sequence[bool], predicted: Sequence[bool]) -> float | None:
-    """F1 of ``predicted`` against ``truth``; None when the truth has no positive (F1 undefined)."""
-    tp = sum(1 for t, p in zip(truth, predicted) if t and p)
-    positives = sum(1 for t in truth if t)
+def f1_score(truth: Sequence[bool | None], predicted: Sequence[bool]) -> float | None:
+    """F1 of ``predicted`` against ``truth`` (windows whose truth is None left out); None when
+    the truth has no positive (F1 undefined)."""
+    known = [(t, p) for t, p in zip(truth, predicted) if t is not None]
+    tp = sum(1 for t, p in known if t and p)
+    positives = sum(1 for t, _ in known if t)
     if positives == 0:
         return None
-    flagged = sum(1 for p in predicted if p)
+    flagged = sum(1 for _, p in known if p)
     return 2.0 * tp / (positives + flagged)
+
+
+def false_alarm_rate(truth: Sequence[bool | None], predicted: Sequence[bool]) -> float | None:
+    """Share of the windows labelled normal (truth False) that ``predicted`` flags; None without such windows."""
+    flags = [p for t, p in zip(truth, predicted) if t is False]
+    return _rate(flags) if flags else None
 
 
 def _rate(flags: Sequence[bool]) -> float:
@@ -154,13 +187,10 @@ def evaluate_gate(
     for device, p in sorted(used.items()):
         stats[device] = {"windows": len(p), "agreement": sum(1 for x in p if x.champion == x.shadow) / len(p),
                          "champion_rate": _rate([x.champion for x in p]), "shadow_rate": _rate([x.shadow for x in p])}
-    if agreement < policy.min_agreement:
-        reasons.append(f"agreement {agreement:.3f} below {policy.min_agreement:.3f}")
-    if shadow_rate > champ_rate + policy.max_rate_increase:
-        reasons.append(f"anomaly rate {shadow_rate:.3f} exceeds the champion's {champ_rate:.3f} "
-                       f"by more than {policy.max_rate_increase:.3f}")
-    if shadow_rate > policy.max_anomaly_rate:
-        reasons.append(f"anomaly rate {shadow_rate:.3f} above the cap {policy.max_anomaly_rate:.3f}")
+    labelled = bool(truth) and all(d in truth for d in used)
+    stats["all"]["by_labels"] = int(labelled)  # 1: labels decided, agreement and rates only shown
+    if not labelled:
+        reasons += _rate_reasons(agreement, champ_rate, shadow_rate, policy)
     allowed_us = champ_p95 * policy.latency_factor + policy.latency_slack_us
     if shadow_p95 > allowed_us:
         reasons.append(f"latency p95 {shadow_p95:.0f} us above {allowed_us:.0f} us "
@@ -175,11 +205,42 @@ def evaluate_gate(
             c_all += [x.champion for x in p]
             s_all += [x.shadow for x in p]
         champ_f1, shadow_f1 = f1_score(t_all, c_all), f1_score(t_all, s_all)
-        stats["all"].update(champion_f1=champ_f1, shadow_f1=shadow_f1)
+        champ_fa, shadow_fa = false_alarm_rate(t_all, c_all), false_alarm_rate(t_all, s_all)
+        stats["all"].update(champion_f1=champ_f1, shadow_f1=shadow_f1, champion_false_rate=champ_fa,
+                            shadow_false_rate=shadow_fa, labelled_windows=len(t_all))
         if champ_f1 is not None and shadow_f1 is not None and shadow_f1 < champ_f1 - policy.f1_tolerance:
             reasons.append(f"F1 {shadow_f1:.3f} below the champion's {champ_f1:.3f} "
                            f"by more than {policy.f1_tolerance:.3f}")
+        if labelled:
+            reasons += _false_alarm_reasons(shadow_fa, champ_fa, policy.max_rate_increase, policy, "champion's")
     return Verdict(ready=True, passed=not reasons, reasons=reasons, stats=stats)
+
+
+def _rate_reasons(agreement: float, champ_rate: float, shadow_rate: float, policy: RolloutPolicy) -> list[str]:
+    """The unlabelled gate: agreement with the champion and anomaly rates."""
+    reasons = []
+    if agreement < policy.min_agreement:
+        reasons.append(f"agreement {agreement:.3f} below {policy.min_agreement:.3f}")
+    if shadow_rate > champ_rate + policy.max_rate_increase:
+        reasons.append(f"anomaly rate {shadow_rate:.3f} exceeds the champion's {champ_rate:.3f} "
+                       f"by more than {policy.max_rate_increase:.3f}")
+    if shadow_rate > policy.max_anomaly_rate:
+        reasons.append(f"anomaly rate {shadow_rate:.3f} above the cap {policy.max_anomaly_rate:.3f}")
+    return reasons
+
+
+def _false_alarm_reasons(rate: float | None, baseline: float | None, allowed: float, policy: RolloutPolicy,
+                         whose: str) -> list[str]:
+    """The labelled check: false alarms on windows labelled normal, against a baseline and the cap."""
+    if rate is None:
+        return []
+    reasons = []
+    if baseline is not None and rate > baseline + allowed:
+        reasons.append(f"false-alarm rate {rate:.3f} on windows labelled normal exceeds the {whose} "
+                       f"{baseline:.3f} by more than {allowed:.3f}")
+    if rate > policy.max_anomaly_rate:
+        reasons.append(f"false-alarm rate {rate:.3f} above the cap {policy.max_anomaly_rate:.3f}")
+    return reasons
 
 
 def evaluate_watch(
@@ -189,13 +250,18 @@ def evaluate_watch(
     *,
     truth: Sequence[bool] | None = None,
     baseline_f1: float | None = None,
+    baseline_false_rate: float | None = None,
     final: bool = False,
 ) -> Verdict:
     """Judge the new champion's first ``watch_windows`` flags against the old champion's baseline.
 
-    Worse means an anomaly rate more than ``watch_rate_increase`` above ``baseline_rate``, or,
-    with labels for these windows and a baseline F1, an F1 more than ``f1_tolerance`` below it.
-    Not ``ready`` until ``watch_windows`` flags came, unless ``final`` (the watch time-out).
+    Without labels (``truth`` None), worse means an anomaly rate more than ``watch_rate_increase``
+    above ``baseline_rate``. With labels for these windows, the anomaly rate is no measure (a
+    model catching a real fault raises it): worse means a false-alarm rate on the windows labelled
+    normal more than ``watch_rate_increase`` above ``baseline_false_rate`` (default
+    ``baseline_rate``) or over the cap, or, with a baseline F1 and a fault in the windows, an F1
+    more than ``f1_tolerance`` below it. Not ``ready`` until ``watch_windows`` flags came, unless
+    ``final`` (the watch time-out).
     """
     if len(flags) < policy.watch_windows and not final:
         return Verdict(ready=False, passed=False)
@@ -204,11 +270,19 @@ def evaluate_watch(
     stats: dict[str, dict] = {"watch": {"windows": len(used), "rate": rate, "baseline_rate": baseline_rate,
                                         "f1": None, "baseline_f1": baseline_f1}}
     reasons = []
-    if rate > baseline_rate + policy.watch_rate_increase:
-        reasons.append(f"anomaly rate {rate:.3f} over {len(used)} windows exceeds the previous champion's "
-                       f"{baseline_rate:.3f} by more than {policy.watch_rate_increase:.3f}")
-    if truth is not None and baseline_f1 is not None:
-        f1 = f1_score(list(truth[: len(used)]), used)
+    if truth is None:
+        if rate > baseline_rate + policy.watch_rate_increase:
+            reasons.append(f"anomaly rate {rate:.3f} over {len(used)} windows exceeds the previous champion's "
+                           f"{baseline_rate:.3f} by more than {policy.watch_rate_increase:.3f}")
+        return Verdict(ready=True, passed=not reasons, reasons=reasons, stats=stats)
+    labels = list(truth[: len(used)])
+    false_rate = false_alarm_rate(labels, used)
+    baseline_fa = baseline_rate if baseline_false_rate is None else baseline_false_rate
+    stats["watch"].update(false_rate=false_rate, baseline_false_rate=baseline_fa, by_labels=1)
+    reasons += _false_alarm_reasons(false_rate, baseline_fa, policy.watch_rate_increase, policy,
+                                    "previous champion's")
+    if baseline_f1 is not None:
+        f1 = f1_score(labels, used)
         stats["watch"]["f1"] = f1
         if f1 is not None and f1 < baseline_f1 - policy.f1_tolerance:
             reasons.append(f"F1 {f1:.3f} below the previous champion's {baseline_f1:.3f} "

@@ -25,11 +25,11 @@ import msgspec
 from msgspec import Struct
 
 from edgeloop import wire
-from aggregator.rollout_gate import Pair, RolloutPolicy, Verdict, label_windows
+from aggregator.rollout_gate import Pair, RolloutPolicy, Verdict, false_alarm_rate, label_windows
 
 __all__ = ["Rollout", "RolloutError", "LiveRollout", "STATES", "ACTIVE_STATES", "MAX_EVENTS",
            "load_rollouts", "encode_rollout", "record_inference", "record_deployment", "summarize",
-           "canary_count", "plan_waves", "gate_truth", "watch_truth"]
+           "canary_count", "plan_waves", "gate_truth", "watch_truth", "baseline_false_rate"]
 
 log = logging.getLogger("aggregator.rollout")
 
@@ -37,6 +37,7 @@ STATES = ("canary", "promoting", "watching", "done", "rejected", "rolled_back")
 ACTIVE_STATES = frozenset({"canary", "promoting", "watching"})
 MAX_HALVES = 8192  # unpaired champion/shadow verdicts kept while waiting for their other half
 MAX_EVENTS = 200  # a rollout's event log keeps the newest this many
+MAX_BASELINE = 4096  # old-champion windows kept (fleet-wide, while canary) to label for the watch
 
 
 class RolloutError(ValueError):
@@ -70,6 +71,9 @@ class Rollout(Struct, kw_only=True):
     baseline_windows: int = 0
     baseline_anomalies: int = 0
     baseline_f1: float | None = None
+    #: The old champion's first windows fleet-wide while canary, (device, window_end, anomaly):
+    #: labelled at watch time, their false-alarm rate is the watch's baseline.
+    baseline: list[tuple[str, float, bool]] = []
     watch: list[tuple[str, float, bool]] = []  # (device, window_end, anomaly) of the new champion
     watch_started_at: float = 0.0
     watch_verdict: Verdict | None = None
@@ -121,6 +125,8 @@ def record_inference(live: LiveRollout, msg: wire.Inference, policy: RolloutPoli
         if msg.role == "champion" and msg.model_version == r.previous:
             r.baseline_windows += 1
             r.baseline_anomalies += bool(msg.anomaly)
+            if len(r.baseline) < MAX_BASELINE:
+                r.baseline.append((msg.device, float(msg.window_end), bool(msg.anomaly)))
         if msg.device not in live.canaries or (msg.role == "shadow" and msg.model_version != r.version):
             return False
         key = (msg.device, msg.window_end)
@@ -168,6 +174,7 @@ def summarize(r: Rollout, policy: RolloutPolicy) -> dict:
     out["pairs"] = {d: len(p) for d, p in out["pairs"].items()}
     out["gate_windows"] = policy.gate_windows
     out["watch"] = len(out["watch"])
+    out["baseline"] = len(out["baseline"])
     out["watch_windows"] = policy.watch_windows
     return out
 
@@ -205,26 +212,40 @@ def plan_waves(canaries: Sequence[str], others: Sequence[str], fractions: Sequen
 Labels = Callable[[str, float, float], "list | None"]
 
 
-def gate_truth(pairs: dict[str, list[Pair]], labels: Labels) -> dict[str, list[bool]] | None:
-    """Per canary, whether each paired window was in a labelled fault; None if no canary is labelled."""
+def gate_truth(pairs: dict[str, list[Pair]], labels: Labels, lead_s: float = 0.0,
+               after_s: float = 0.0) -> dict[str, list[bool | None]] | None:
+    """Per canary, whether each paired window was in a labelled fault (None: near one, see
+    :func:`~aggregator.rollout_gate.label_windows`); None if no canary is labelled."""
     truth = {}
     for device, p in pairs.items():
         if p:
-            faults = labels(device, min(x.window_end for x in p), max(x.window_end for x in p))
+            faults = labels(device, min(x.window_end for x in p) - after_s, max(x.window_end for x in p) + lead_s)
             if faults is not None:
-                truth[device] = label_windows([x.window_end for x in p], faults)
+                truth[device] = label_windows([x.window_end for x in p], faults, lead_s, after_s)
     return truth or None
 
 
-def watch_truth(watch: list[tuple[str, float, bool]], labels: Labels) -> list[bool] | None:
-    """Whether each watched window was in a labelled fault; None unless every device is labelled."""
+def watch_truth(watch: list[tuple[str, float, bool]], labels: Labels, lead_s: float = 0.0,
+                after_s: float = 0.0) -> list[bool | None] | None:
+    """Whether each watched (or baseline) window was in a labelled fault; None unless every
+    device is labelled (or there is no window)."""
+    if not watch:
+        return None
     by_device: dict[str, list[float]] = {}
     for device, t, _ in watch:
         by_device.setdefault(device, []).append(t)
     labelled: dict[str, list] = {}
     for device, ts in by_device.items():
-        faults = labels(device, min(ts), max(ts))
+        faults = labels(device, min(ts) - after_s, max(ts) + lead_s)
         if faults is None:
             return None
         labelled[device] = faults
-    return [label_windows([t], labelled[device])[0] for device, t, _ in watch]
+    return [label_windows([t], labelled[device], lead_s, after_s)[0] for device, t, _ in watch]
+
+
+def baseline_false_rate(baseline: list[tuple[str, float, bool]], labels: Labels, lead_s: float = 0.0,
+                        after_s: float = 0.0) -> float | None:
+    """The old champion's false-alarm rate on its labelled baseline windows (None: unlabelled or
+    no window labelled normal): what the watch holds a labelled new champion to."""
+    truth = watch_truth(baseline, labels, lead_s, after_s)
+    return None if truth is None else false_alarm_rate(truth, [w[2] for w in baseline])

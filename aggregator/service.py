@@ -18,10 +18,11 @@ import msgspec
 from msgspec import Meta, Struct
 
 from aggregator.alerts import AlertSettings
+from aggregator.rollout_gate import RolloutPolicy
 from edgeloop import config as _config
 from edgeloop.mqtt import parse_mqtt_url
 
-__all__ = ["AggregatorConfig", "Aggregator", "HttpSettings", "ModelsSettings", "load", "EXAMPLE"]
+__all__ = ["AggregatorConfig", "Aggregator", "HttpSettings", "ModelsSettings", "RetrainSettings", "load", "EXAMPLE"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,32 @@ class ModelsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     signing_key_file: str | None = None  # unset: <data_dir>/keys/signing.key (``edgeloop models keygen``)
 
 
+class RetrainSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Drift-triggered and scheduled retraining (:class:`aggregator.retrain.Retrainer`).
+
+    Off unless ``enabled``: training needs scikit-learn and the model signing key. Each new model
+    starts a rollout (canaries in shadow, gate, waves) through ``Aggregator.rollouts``. The
+    windows are device time counted back from now; the checks run every ``check_every_s``.
+    """
+
+    enabled: bool = False
+    profiles: list[str] = msgspec.field(default_factory=lambda: ["machine"])
+    schedule_s: Annotated[float, Meta(gt=0)] | None = None  # retrain on time alone (None: only on drift)
+    drift_threshold: Annotated[float, Meta(gt=0)] = 0.2  # PSI of the most drifted feature
+    recent_s: Annotated[float, Meta(gt=0)] = 3600.0  # recent window compared with the training window
+    train_s: Annotated[float, Meta(gt=0)] = 86400.0  # stored features a new model learns from
+    check_every_s: Annotated[float, Meta(gt=0)] = 300.0
+    min_rows: Annotated[int, Meta(ge=10)] = 200
+    n_estimators: Annotated[int, Meta(ge=1, le=1000)] = 100
+    canary: Annotated[int, Meta(ge=1)] = 1  # devices that shadow each new model first
+    #: Share of the training windows' scores below the alarm threshold.
+    threshold_quantile: Annotated[float, Meta(ge=0.5, lt=1.0)] = 0.995
+    #: Left out of drift checks and training: from this long before each labelled fault ...
+    label_horizon_s: Annotated[float, Meta(ge=0)] = 60.0
+    #: ... to this long after it (the machine settling back).
+    label_margin_s: Annotated[float, Meta(ge=0)] = 120.0
+
+
 class AggregatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole aggregator configuration.
 
@@ -98,6 +125,8 @@ class AggregatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     http: HttpSettings | None = None
     models: ModelsSettings = msgspec.field(default_factory=ModelsSettings)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
+    retrain: RetrainSettings = msgspec.field(default_factory=RetrainSettings)
+    rollout: RolloutPolicy = msgspec.field(default_factory=RolloutPolicy)
 
     def base_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else _config.default_data_dir()
@@ -155,9 +184,12 @@ def _env_default(name: str) -> str | None:
 
 class Aggregator:
     """Store, quarantine, registry, ingest and (if configured) the HTTP port, started and
-    stopped together. :attr:`http_port` is the bound HTTP port while running, else None."""
+    stopped together. :attr:`http_port` is the bound HTTP port while running, else None.
 
-    def __init__(self, cfg: AggregatorConfig, store=None) -> None:
+    ``clock`` gives the device time "now" that the retrainer counts its windows back from
+    (default ``time.time``; a time-accelerated simulation passes its own)."""
+
+    def __init__(self, cfg: AggregatorConfig, store=None, *, clock=None) -> None:
         from aggregator.ingest import Ingest
         from aggregator.model_registry import ModelRegistry
         from aggregator.ota import ModelDistributor
@@ -198,11 +230,60 @@ class Aggregator:
         from aggregator.rollout import RolloutManager
 
         key = cfg.signing_key_path()
+        from aggregator.labels import LabelStore
+
+        # Fault labels (maintenance records, simulator ground truth) let the gate compare F1.
+        self.labels = LabelStore.in_data_dir(cfg.base_dir())
         # Rollouts watch every stored inference and deployment report through the ingest.
         self.rollouts = RolloutManager(self.ota, self.models, self.registry, state_dir=state,
+                                       policy=cfg.rollout, labels=self._labels_of,
                                        signing_key=key if key.is_file() else None)
         self.ingest.observers.append(self.rollouts.observe)
+        self.retrainer = self._make_retrainer(cfg, key, clock) if cfg.retrain.enabled else None
         self._http = None
+
+    def _labels_of(self, device: str, start: float, end: float) -> list:
+        """The gate's labels provider: the device's labelled fault windows overlapping [start, end]."""
+        return self.labels.list(device, start, end + 1e-6)
+
+    def _make_retrainer(self, cfg: AggregatorConfig, key: Path, clock):
+        from aggregator.retrain import Retrainer
+
+        if not key.is_file():
+            raise _config.ConfigError("config", "retrain.enabled", f"retraining signs its models but there is "
+                                      f"no signing key {key} (create one with `edgeloop models keygen`)")
+        r = cfg.retrain
+        kw = {"clock": clock} if clock is not None else {}
+        rollouts = self.rollouts
+
+        class _Retrainer(Retrainer):
+            """Skips a profile while one of its rollouts runs: the champion it would compare with
+            is about to change, and a model trained now could not be rolled out anyway."""
+
+            def check(self, profile: str):
+                from aggregator.retrain import RetrainDecision
+                from aggregator.rollout import ACTIVE_STATES
+
+                if (rollouts.status(profile) or {}).get("state") in ACTIVE_STATES:
+                    decision = self.last[profile] = RetrainDecision(profile, "rollout running")
+                    return decision
+                return super().check(profile)
+
+        return _Retrainer(self.store, self.models, key, profiles=r.profiles, schedule_s=r.schedule_s,
+                         drift_threshold=r.drift_threshold, on_new_model=self._roll_out, check_every_s=r.check_every_s,
+                         recent_s=r.recent_s, train_s=r.train_s, min_rows=r.min_rows, n_estimators=r.n_estimators,
+                         labels=lambda start, end: self.labels.list(start=start, end=end),
+                         label_horizon_s=r.label_horizon_s, label_margin_s=r.label_margin_s,
+                         threshold_quantile=r.threshold_quantile, **kw)
+
+    def _roll_out(self, profile: str, version: str) -> None:
+        """A retrained model goes to canaries in shadow; with none running yet it cannot (said why)."""
+        from aggregator.rollout import RolloutError
+
+        try:
+            self.rollouts.start(profile, version, canary=self.config.retrain.canary)
+        except RolloutError as exc:
+            log.warning("retrained %s/%s is in the registry but not rolled out: %s", profile, version, exc)
 
     @property
     def http_port(self) -> int | None:
@@ -219,7 +300,11 @@ class Aggregator:
             self.ota.start()
             self.ingest.start()
             self.rollouts.serve(1.0)
+            if self.retrainer is not None:
+                self.retrainer.start()
         except BaseException:
+            if self.retrainer is not None:
+                self.retrainer.stop()
             self.rollouts.close()
             self.ota.stop()
             self._stop_http()
@@ -237,11 +322,14 @@ class Aggregator:
         is gone, and only the devices' re-sends would get those stored."""
         try:
             self._stop_http()  # before the quarantine closes: no request may read a closed database
+            if self.retrainer is not None:
+                self.retrainer.stop()
             self.rollouts.close()
             self.ota.stop()
             self.ingest.stop(forget_session=forget_session)
         finally:
             self.quarantine.close()
+            self.labels.close()
             self.store.close()
 
     def run_until(self, stop: threading.Event) -> None:
@@ -289,6 +377,22 @@ chunk_size = 65536                 # bytes per broadcast model chunk; must fit t
 port = 8080                        # 0: any free port (logged at start)
 host = "127.0.0.1"                 # "0.0.0.0" to serve beyond this machine
 # token = "env:EDGELOOP_API_TOKEN"  # bearer token for control actions (rollouts, alert acks); or token_file
+
+[retrain]                          # drift-triggered retraining; each new model starts a rollout
+enabled = false                    # needs scikit-learn (the "train" extra) and the signing key
+profiles = ["machine"]
+# schedule_s = 604800              # also retrain weekly, drift or not
+drift_threshold = 0.2              # PSI of the most drifted feature that triggers a retrain
+recent_s = 3600                    # recent features compared with the champion's training window
+train_s = 86400                    # stored features a new model learns from
+check_every_s = 300
+canary = 1                         # devices that run each new model in shadow first
+
+[rollout]                          # the gate and the waves (aggregator/rollout_gate.py RolloutPolicy)
+gate_windows = 60                  # paired windows per canary before the gate decides
+min_agreement = 0.9
+waves = [0.5, 1.0]
+watch_windows = 120
 
 [alerts]
 # webhook_url = "https://hooks.example.com/edgeloop"  # POST every new alert as JSON (retried with backoff)

@@ -294,17 +294,23 @@ def _sparkline(values: list[float], width: int) -> str:
 
 
 @main.command()
-@click.option("--devices", default=5, show_default=True, type=click.IntRange(1, 1000), help="Simulated devices.")
-@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(5, 86400), help="Seconds of sampling.")
-@click.option("--rate", default=10.0, show_default=True, type=click.FloatRange(0.1, 1000), help="Samples per second per device.")
+@click.option("--devices", default=18, show_default=True, type=click.IntRange(3, 1000),
+              help="Simulated devices: half machines (they drift), the rest cold-chain and wearables.")
+@click.option("--speed", default=30.0, show_default=True, type=click.FloatRange(1, 1000),
+              help="Time acceleration: device seconds per real second (an hour of device time).")
+@click.option("--quick", is_flag=True, help="A short run for tests: at most 6 devices at 60x or more.")
 @click.option("--seed", default=1, show_default=True, type=int, help="Simulation seed.")
 @click.option("--mqtt", "mqtt_url", metavar="URL", help="Use this broker instead of the embedded one.")
 @click.option("--influx-url", metavar="URL", help="Use this InfluxDB instead of the embedded SQLite store.")
 @click.option("--influx-database", default="edgeloop", show_default=True, metavar="NAME", help="Database (bucket on 2.x/3.x).")
 @click.option("--influx-org", metavar="ORG", help="Organisation (InfluxDB 2.x/3.x).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the run keeps its state.")
-def demo(devices, duration, rate, seed, mqtt_url, influx_url, influx_database, influx_org, data_dir) -> None:
-    """Run a simulated fleet through the whole loop and print what was sent and stored.
+@click.option("--http-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="Dashboard port while the demo runs (0: any free port; the URL is printed).")
+def demo(devices, speed, quick, seed, mqtt_url, influx_url, influx_database, influx_org, data_dir, http_port) -> None:
+    """The whole loop in about three minutes: fleet online, first model trained from the store and
+    rolled out (canary in shadow, gate, waves), faults caught at the edge, drift detected, a model
+    retrained, shadowed and promoted; F1 before/after next to a frozen model; sent = stored.
 
     Without --mqtt / --influx-url everything runs in this process: an embedded broker and the
     embedded SQLite store. InfluxDB secrets come from EDGELOOP_INFLUX_TOKEN or
@@ -313,8 +319,8 @@ def demo(devices, duration, rate, seed, mqtt_url, influx_url, influx_database, i
     from simulators.demo import DemoOptions, run_demo
 
     options = DemoOptions(
-        devices=devices, duration_s=duration, rate_hz=rate, seed=seed, mqtt_url=mqtt_url,
-        influx_url=influx_url, influx_database=influx_database, influx_org=influx_org, data_dir=data_dir,
+        devices=devices, speed=speed, quick=quick, seed=seed, mqtt_url=mqtt_url, influx_url=influx_url,
+        influx_database=influx_database, influx_org=influx_org, data_dir=data_dir, http_port=http_port,
     )
     try:
         ok = run_demo(options)

@@ -19,7 +19,7 @@ import importlib
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import msgspec
 import numpy as np
@@ -221,9 +221,14 @@ def load_training_rows(
     feature_set: str = features.FEATURE_SET,
     min_rows: int = MIN_STORE_ROWS,
     limit: int | None = None,
+    exclude: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None,
 ):
     """Unflagged feature rows of ``profile`` from ``store`` (a ``base.Store``), columns in
     ``feature_names`` order (default: :func:`agent_feature_order` of the stored names).
+
+    ``exclude(times, devices)`` returns a boolean mask of rows to leave out as well: the
+    retrainer passes one that marks windows in and around labelled faults, so a model of
+    "normal" does not learn the faults it should catch.
 
     Refuses with a ValueError that says what was found when fewer than ``min_rows`` remain.
     """
@@ -234,12 +239,21 @@ def load_training_rows(
         order = agent_feature_order(rows.names, profile)
         pos = {n: k for k, n in enumerate(rows.names)}
         rows = rows._replace(names=order, matrix=rows.matrix[:, [pos[n] for n in order]])
+    left_out = 0
+    if exclude is not None and len(rows.devices):
+        drop = np.asarray(exclude(np.asarray(rows.times, dtype=np.float64), rows.devices), dtype=bool)
+        left_out = int(drop.sum())
+        if left_out:
+            keep = np.flatnonzero(~drop)
+            rows = rows._replace(devices=[rows.devices[k] for k in keep], times=np.asarray(rows.times)[keep],
+                                 matrix=rows.matrix[keep])
     if len(rows.devices) < min_rows:
         span = f"[{start}, {end})" if start is not None or end is not None else "all time"
         raise ValueError(
             f"only {len(rows.devices)} unflagged {feature_set} feature rows of profile "
             f"{profile!r} in {span} in the {getattr(store, 'name', 'store')} store; need at least "
-            f"{min_rows}: widen --since/--until or let the devices run longer"
+            f"{min_rows}" + (f" ({left_out} in or near labelled faults left out)" if left_out else "")
+            + ": widen --since/--until or let the devices run longer"
         )
     return rows
 
@@ -255,15 +269,17 @@ def train_from_store(
     feature_set: str = features.FEATURE_SET,
     min_rows: int = MIN_STORE_ROWS,
     limit: int | None = None,
+    exclude: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None,
     **train_kw,
 ) -> tuple[bytes, Manifest]:
-    """An isolation forest on the store's unflagged feature rows of ``profile`` in [start, end).
+    """An isolation forest on the store's unflagged feature rows of ``profile`` in [start, end),
+    less the rows ``exclude`` marks (see :func:`load_training_rows`).
 
     ``training_window`` is the time span of the rows used; ``train_kw`` go to
-    :func:`train_isolation_forest` (seed, n_estimators, parent_version, converter, ...).
+    :func:`train_isolation_forest` (seed, n_estimators, parent_version, threshold_quantile, ...).
     """
     rows = load_training_rows(store, profile, start, end, feature_names=feature_names,
-                              feature_set=feature_set, min_rows=min_rows, limit=limit)
+                              feature_set=feature_set, min_rows=min_rows, limit=limit, exclude=exclude)
     train_kw.setdefault("seed", 0)
     onnx_bytes, manifest = train_isolation_forest(
         rows.matrix, rows.names, version=version, profile=profile, feature_set=feature_set,

@@ -103,3 +103,49 @@ def test_next_version():
     assert next_version(["2.0.0+rollback.1"]) == "2.0.1"
     assert next_version(["m-1"]) == "m-1.1"
     assert next_version(["1.2.x"]) == "1.3.0"
+
+
+def test_labelled_faults_are_neither_drift_nor_training_data(setup):
+    """Two of four machines wear their bearings for the whole recent period: unlabelled that is
+    drift; labelled (maintenance records) it is left out of the check and of the new model."""
+    from aggregator.labels import Label, window_labels
+    from aggregator.retrain import label_exclusion
+
+    store, registry, priv, _ = setup
+    wear = [Fault("bearing_wear", 0.0, 1e7, size=0.5, ramp_s=0.0)]
+    for s in MACHINES:
+        sim = make_simulator("machine", seed=s, faults=wear if s < 2 else ())
+        X, _ = simulated_windows(sim, windows=RECENT, start=REFERENCE * 50)
+        store_windows(store, f"m-{s}", X, seq0=REFERENCE + 1, t0=T0 + 5.0 * REFERENCE)
+    labels = [Label(0, f"m-{s}", T0 + 5.0 * REFERENCE, END, "bearing_wear") for s in (0, 1)]
+    asked = []
+
+    def source(start, end):
+        asked.append((start, end))
+        return [lb for lb in labels if lb.end > start and lb.start < end]
+
+    calls = []
+    assert retrainer(store, registry, priv, calls).check("machine").reason == "drift"
+    labelled = retrainer(store, registry, priv, calls, labels=source)
+    decision = labelled.check("machine")
+    assert decision.reason == "none" and not decision.drift.drifted, decision.drift.verdict
+    assert decision.drift.recent_rows == 2 * RECENT and asked
+    version = labelled.retrain_now("machine")
+    m = registry.get("machine", version).manifest
+    rows = store.feature_rows("machine", END - labelled.train_s, END, feature_set=m.feature_set)
+    expected = len(rows.devices) - int(window_labels(rows.times, rows.devices, labels, 60.0, 120.0).sum())
+    assert m.metrics["train_rows"] == expected < len(rows.devices)
+    # The filter itself: horizon before, margin after, other devices untouched.
+    mask = label_exclusion(source, horizon_s=60.0, margin_s=120.0)(
+        np.array([T0 + 5.0 * REFERENCE - 61, T0 + 5.0 * REFERENCE - 59, END + 119, END + 121, END]),
+        ["m-0", "m-0", "m-1", "m-1", "m-2"])
+    assert mask.tolist() == [False, True, True, False, False]
+    assert label_exclusion(None) is None
+
+
+def test_threshold_quantile_reaches_the_manifest(setup):
+    store, registry, priv, _ = setup
+    publish_recent(store)
+    r = retrainer(store, registry, priv, [], threshold_quantile=0.999)
+    m = registry.get("machine", r.retrain_now("machine")).manifest
+    assert m.params["threshold_quantile"] == 0.999 and m.metrics["train_alarm_rate"] <= 0.0015

@@ -15,7 +15,8 @@ import pytest
 from aggregator.model_registry import ModelRegistry
 from aggregator.registry import Registry
 from aggregator.rollout import RolloutError, RolloutManager
-from aggregator.rollout_gate import Pair, RolloutPolicy, evaluate_gate, evaluate_watch, f1_score, label_windows
+from aggregator.rollout_gate import (Pair, RolloutPolicy, evaluate_gate, evaluate_watch, f1_score, false_alarm_rate,
+                                     label_windows)
 from edgeloop import wire
 from models.manifest import Manifest
 from models.signing import generate_keypair, sign, verify
@@ -526,3 +527,68 @@ def test_cli_offline_rollback_uses_the_shared_signed_rollback(tmp_path):
     assert "champion 2.0 -> 1.0+rollback.1 (signed rollback to 1.0)" in result.output
     entry = w.models.get(PROFILE, "1.0+rollback.1")
     verify(entry.manifest, entry.onnx_bytes(), w.pub.read_bytes())
+
+
+# -- labels decide when they cover the evidence ----------------------------------------------------
+
+
+def test_with_labels_agreement_and_raw_rate_are_no_veto_but_false_alarms_are():
+    # After a drift the champion flags every normal window; the challenger flags only the fault.
+    truth = {"d1": [i >= 8 for i in range(10)]}
+    better = evaluate_gate({"d1": _pairs(10, champ=True, shadow=lambda i: i >= 8)}, POLICY, truth=truth)
+    assert better.passed, better.reasons
+    assert better.stats["all"]["agreement"] == 0.2 and better.stats["all"]["by_labels"] == 1
+    assert better.stats["all"]["shadow_false_rate"] == 0.0 and better.stats["all"]["champion_false_rate"] == 1.0
+    # Unlabelled, the same evidence fails on agreement: rates are all there is.
+    assert any("agreement" in r for r in evaluate_gate({"d1": _pairs(10, champ=True, shadow=lambda i: i >= 8)},
+                                                       POLICY).reasons)
+    # Catching a real fault raises the anomaly rate: no veto with labels ...
+    catches = evaluate_gate({"d1": _pairs(10, shadow=lambda i: i >= 8)}, POLICY, truth=truth)
+    assert catches.passed and catches.stats["all"]["shadow_f1"] == 1.0
+    # ... but false alarms on windows labelled normal are.
+    noisy = evaluate_gate({"d1": _pairs(10, shadow=lambda i: i in (0, 1, 8, 9))}, POLICY, truth=truth)
+    assert not noisy.passed and any(r.startswith("false-alarm rate 0.250 on windows labelled normal")
+                                    for r in noisy.reasons), noisy.reasons
+    # Only some canaries labelled: the rate checks still apply.
+    partial = evaluate_gate({"d1": _pairs(10, shadow=lambda i: i >= 8), "d2": _pairs(10)}, POLICY, truth=truth)
+    assert not partial.passed and partial.stats["all"]["by_labels"] == 0
+
+
+def test_windows_near_a_fault_are_not_judged():
+    assert label_windows([50, 95, 105, 150, 230, 400], [(100, 140)], lead_s=10, after_s=60) == [
+        False, None, True, None, False, False]
+    assert f1_score([None, True, False], [True, True, False]) == 1.0
+    assert false_alarm_rate([None, True, False, False], [True, True, True, False]) == 0.5
+    assert false_alarm_rate([None, True], [True, True]) is None
+
+
+def test_watch_with_labels_judges_false_alarms_not_the_anomaly_rate():
+    policy = RolloutPolicy(watch_windows=10)
+    truth = [i >= 5 for i in range(10)]
+    # Half the windows flagged (every fault window) against a 0 % baseline: healthy with labels.
+    catches = evaluate_watch([i >= 5 for i in range(10)], 0.0, policy, truth=truth, baseline_false_rate=0.0)
+    assert catches.passed and catches.stats["watch"]["false_rate"] == 0.0
+    assert not evaluate_watch([i >= 5 for i in range(10)], 0.0, policy).passed  # unlabelled: too many
+    noisy = evaluate_watch([i in (0, 1) for i in range(10)], 0.0, policy, truth=truth, baseline_false_rate=0.0)
+    assert not noisy.passed and "false-alarm rate 0.400" in noisy.reasons[0]
+    # The baseline is the old champion's false-alarm rate when known.
+    assert evaluate_watch([i in (0, 1) for i in range(10)], 0.0, policy, truth=truth,
+                          baseline_false_rate=0.4).passed is False  # 0.4 is over the 0.25 cap
+    assert evaluate_watch([i == 0 for i in range(10)], 0.0, policy, truth=truth, baseline_false_rate=0.2).passed
+
+
+def test_watch_compares_false_alarms_with_the_old_champions_labelled_windows(tmp_path):
+    # The old champion's canary-time windows (the baseline) false-alarm on 20 %; the new champion's
+    # watch windows on 10 %: healthy, judged on windows the labels call normal.
+    def labels(device, t0, t1):
+        return [(T0 + 2000, T0 + 2100)]
+
+    w = World(tmp_path, RolloutPolicy(gate_windows=20, watch_windows=30, label_after_s=0, label_lead_s=0),
+              labels=labels)
+    _promoted(w, baseline_anomaly=lambda i: i % 5 == 0)
+    w.watch_windows(30, anomaly=lambda i: i % 10 == 0)
+    w.mgr.tick(T0 + 300)
+    status = w.mgr.status(PROFILE)
+    assert status["state"] == "done", status["events"]
+    watch = status["watch_verdict"]["stats"]["watch"]
+    assert watch["false_rate"] == pytest.approx(0.1) and watch["baseline_false_rate"] == pytest.approx(0.2)
