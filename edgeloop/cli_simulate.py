@@ -183,6 +183,7 @@ def _run_fleet(scenario, run_dir, url, protocol, caps, model_dirs, speed, events
 
     from edge_agent.config import AgentConfig, SamplingSettings, SourceSettings
     from edge_agent.config import MqttSettings as AgentMqtt
+    from simulators import profiles
     from edge_agent.sources import create_source
     from edgeloop import wire
     from simulators.fleet import FleetRunner
@@ -206,6 +207,7 @@ def _run_fleet(scenario, run_dir, url, protocol, caps, model_dirs, speed, events
             model_dir=str(model_dirs[spec.profile]),
             sampling=SamplingSettings(rate_hz=scenario.rate_hz, batch_s=1.0, window_s=scenario.window_s, speed=speed),
             source=SourceSettings(name="simulated", options=options),
+            quality=profiles.get(spec.profile).quality_settings(),
         ))
     runner = FleetRunner(configs, [sources[c.device_id] for c in configs], speed=speed, on_accept=record,
                          drain_timeout=drain_timeout_s)

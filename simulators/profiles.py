@@ -43,10 +43,23 @@ class Profile:
     #: The rate the profile is meant to be sampled at, and the window length of its models.
     rate_hz: float = 10.0
     window_s: float = 5.0
+    #: Channels that report a state (0/1): they hold their value for minutes and jump by their
+    #: whole range, so the agent's stuck and spike checks must not judge them as readings
+    #: (measured: with the defaults every refrigerator window was flagged ``stuck`` on ``door_open``
+    #: and training found no clean window left).
+    state_channels: tuple[str, ...] = ()
 
     @property
     def fault_kinds(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.faults)
+
+    def quality_settings(self):
+        """The agent's data-quality settings for this profile: the defaults, with the stuck check
+        off and the spike scale at the full 0/1 step for its state channels."""
+        from edge_agent.quality import QualitySettings
+
+        states = self.state_channels
+        return QualitySettings(stuck_n_by_channel={c: 0 for c in states}, spike_min_scale={c: 1.0 for c in states})
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description (for ``edgeloop simulate --list-profiles --json``)."""
@@ -81,6 +94,7 @@ PROFILES: dict[str, Profile] = {
             description="retail refrigerator: cabinet temperature with compressor cycling, door "
             "openings, compressor current; compressor failure, door left open",
             channels=("cabinet_temp", "ambient_temp", "compressor_current", "door_open"),
+            state_channels=("door_open",),
             faults=(
                 FaultKind("compressor_failure", True, "capacity down to 20 %, +1.2 A running, cabinet ~+5 °C"),
                 FaultKind("door_left_open", False, "door open, compressor always on, cabinet 60 % of the "
