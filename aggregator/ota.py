@@ -228,17 +228,26 @@ class ModelDistributor:
         The revision is the larger of the last one plus one and the current time in
         milliseconds, persisted before publishing: it grows across restarts, and even after the
         state file is lost."""
-        if not wire.valid_device_id(device):
-            raise DistributionError(f"invalid device id {device!r}: must match {wire.DEVICE_ID_PATTERN}")
+        return self.set_desired_many([device], champion=champion, shadow=shadow)
+
+    def set_desired_many(self, devices, *, champion: str | None, shadow: str | None) -> int:
+        """:meth:`set_desired` for many devices at once, persisting the state once (a wave of a
+        thousand devices would otherwise write and fsync the state file a thousand times)."""
+        devices = list(devices)
+        for device in devices:
+            if not wire.valid_device_id(device):
+                raise DistributionError(f"invalid device id {device!r}: must match {wire.DEVICE_ID_PATTERN}")
         with self._cond:
             self._revision = max(self._revision + 1, int(time.time() * 1000))
-            desired = DesiredModels(v=wire.SCHEMA_VERSION, device=device, revision=self._revision,
-                                    champion=champion, shadow=shadow, ts=time.time())
-            self._desired[device] = desired
+            for device in devices:
+                desired = DesiredModels(v=wire.SCHEMA_VERSION, device=device, revision=self._revision,
+                                        champion=champion, shadow=shadow, ts=time.time())
+                self._desired[device] = desired
             self._save_locked()
-            self._control.append((desired_models_topic(device), wire.encode(desired)))
+            for device in devices:
+                self._control.append((desired_models_topic(device), wire.encode(self._desired[device])))
             self._cond.notify_all()
-            return desired.revision
+            return self._revision
 
     def desired(self, device: str) -> DesiredModels | None:
         with self._cond:

@@ -38,6 +38,11 @@ FINAL_REASONS = frozenset({
 })
 
 
+#: Download progress goes into a deployment report at most this often (each report is a message
+#: through the outbox, the ingest and the store; a fleet-wide push would otherwise send four each).
+PROGRESS_EVERY_S = 2.0
+
+
 @dataclass
 class _Download:
     """A model version this device wants and does not hold yet (loop thread only)."""
@@ -46,6 +51,7 @@ class _Download:
     offer: wire_models.ModelOffer | None = None
     last_progress: float = 0.0  # monotonic: offer or new chunk; a chunk request also restarts the wait
     quarter: int = 0  # download progress last reported, in quarters
+    reported_at: float = 0.0  # monotonic: when progress was last reported
     requests: int = 0
 
 
@@ -55,7 +61,8 @@ class ModelUpdates:
     asks for missing chunks, installs, and serves each version as champion or shadow.
 
     Everything but :meth:`classify` runs in the agent's loop thread. Each step is reported as a
-    ``wire.Deployment`` through the outbox: offered, downloading (every quarter and at the end),
+    ``wire.Deployment`` through the outbox: offered, downloading (each quarter, at most every
+    :data:`PROGRESS_EVERY_S`, so a download of a second or two reports none),
     verified, shadow / active, rejected (with the refusal's reason code and detail), rolled_back
     (a champion replaced by an older version, which is then denied). A refused model never
     replaces the one serving. The versions served from downloads are remembered in
@@ -235,6 +242,7 @@ class ModelUpdates:
         have, total = self.receiver.progress(offer.version)
         if first:
             dl.quarter = have * 4 // total if total else 0
+            dl.reported_at = dl.last_progress
             self._report(offer.version, "offered", chunks=(have, total))
         self._progressed(offer.version, dl)
 
@@ -247,10 +255,12 @@ class ModelUpdates:
 
     def _progressed(self, version: str, dl: _Download) -> None:
         have, total = self.receiver.progress(version)
-        if total and have * 4 // total > dl.quarter:
-            dl.quarter = have * 4 // total
+        done = self.receiver.complete(version)
+        now = time.monotonic()
+        if total and have * 4 // total > dl.quarter and not done and now - dl.reported_at >= PROGRESS_EVERY_S:
+            dl.quarter, dl.reported_at = have * 4 // total, now
             self._report(version, "downloading", chunks=(have, total))
-        if self.receiver.complete(version):
+        if done:
             self._install(version, dl)
 
     def _install(self, version: str, dl: _Download) -> None:
@@ -310,4 +320,5 @@ class ModelUpdates:
             model_version=version, state=state, reason=reason[:1024], chunks_have=chunks[0], chunks_total=chunks[1]))
 
     def _save(self) -> None:
-        write_atomic(self._serving_path, json.dumps(self._served).encode(), 0o644)
+        write_atomic(self._serving_path, json.dumps(self._served).encode(), 0o644,
+                     durable=getattr(self.receiver, "durable", True))

@@ -10,11 +10,12 @@ from pathlib import Path
 __all__ = ["write_atomic"]
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o600) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o600, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` through a synced temp file in the same directory, then rename.
 
     The temp file is created with ``mode`` already applied (mkstemp creates it 0600, and the mode
     is set before any byte is written), so a private file is never briefly world-readable.
+    ``durable=False`` skips the fsync (still atomic, not crash-proof): for simulated fleets only.
     """
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
@@ -24,7 +25,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o600) 
         with os.fdopen(fd, "wb") as fh:
             fh.write(raw)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -29,6 +29,13 @@ a thousand fsyncs a second on one disk. A simulated fleet therefore defaults to
 may lose the last commits, which a simulation can afford). A real device keeps FULL, its default.
 ``bench/fleet.py`` measures both.
 
+Models pushed over the air: every device keeps its own :class:`edge_agent.ota.ModelReceiver` (it
+checks signature and hashes and installs into its own directory). For the same reason as the
+outboxes, a simulated fleet's receivers skip fsync (``durable_models=False``), and devices that
+install identical bytes may share one onnxruntime session through ``session_cache`` (an
+:class:`edge_agent.inference.SessionCache`; a thousand sessions of a 1 MB model cost seconds and
+GBs; ``bench/ota_push.py`` measures both ways).
+
 Use::
 
     runner = FleetRunner(configs, sources, speed=10, on_accept=record)
@@ -79,7 +86,9 @@ class FleetRunner:
     ``speed`` overrides every config's ``sampling.speed``; ``outbox_synchronous`` their outbox's
     (None: keep the configs'). ``model`` is one model object served by every agent (stepped on
     one thread, so sharing a session is safe). ``network_loop``: a running loop to share, or None
-    for one of the runner's own.
+    for one of the runner's own. ``session_cache`` (a ``SessionCache``) lets devices that install
+    the same pushed model bytes share one session; ``durable_models`` keeps fsync in their model
+    receivers (off by default in a simulation, see the module docstring).
     """
 
     def __init__(
@@ -92,6 +101,8 @@ class FleetRunner:
         model=None,
         on_accept: Callable | None = None,
         outbox_synchronous: str | None = "NORMAL",
+        session_cache=None,
+        durable_models: bool = False,
         catch_up_s: float = 2.0,
         max_idle_s: float = 0.2,
         connect_timeout: float = 10.0,
@@ -117,6 +128,10 @@ class FleetRunner:
             agent.network_loop = self.network_loop
             agent.simulated_clock = True
             agent.catch_up_s = catch_up_s
+            receiver = getattr(getattr(agent, "updates", None), "receiver", None)
+            if receiver is not None:  # a device with a profile: models pushed over MQTT
+                receiver.durable = durable_models
+                receiver.session_cache = session_cache
             self.agents.append(agent)
         self.by_device = {a.device: a for a in self.agents}
         self.stats = FleetStats()

@@ -176,6 +176,7 @@ def test_fleet_wide_cut_and_recovery_loses_nothing(mosquitto, model_dir, tmp_pat
 
 
 def test_clock_step_moves_reading_times_of_the_chosen_devices(mosquitto, tmp_path):
+    from edge_agent.quality import CLOCK_STEP
     from simulators.fleet import FleetRunner
 
     record = _Recorder()
@@ -188,14 +189,19 @@ def test_clock_step_moves_reading_times_of_the_chosen_devices(mosquitto, tmp_pat
         n0 = fleet.agents[0].stats.samples
         wait_until(lambda: fleet.agents[0].stats.samples >= n0 + 30, timeout=30)
 
-    def times(device):
-        return [r.t for m in record.accepted if isinstance(m, wire.Telemetry) and m.device == device
+    def readings(device):
+        return [r for m in record.accepted if isinstance(m, wire.Telemetry) and m.device == device
                 for r in m.readings]
 
-    stepped, steady = times(f"{prefix}-0"), times(f"{prefix}-1")
+    stepped, steady = [r.t for r in readings(f"{prefix}-0")], [r.t for r in readings(f"{prefix}-1")]
     gaps = [b - a for a, b in zip(stepped, stepped[1:])]
     assert sum(1 for g in gaps if g > 3000) == 1 and all(g > 0 for g in gaps)  # one jump, still ordered
     assert max(b - a for a, b in zip(steady, steady[1:])) < 1.0  # 0.1 s apart on the device clock
+    # The step is flagged on the first reading after it, and running at speed 10 is no step.
+    flagged = [i for i, r in enumerate(readings(f"{prefix}-0")) if r.flags & CLOCK_STEP]
+    assert len(flagged) == 1 and gaps[flagged[0] - 1] > 3000
+    assert not any(r.flags & CLOCK_STEP for d in (1, 2) for r in readings(f"{prefix}-{d}"))
+    assert [a._clock.steps for a in fleet.agents] == [1, 0, 0]
 
 
 def test_fleet_refuses_mismatched_sources_and_repeated_ids(tmp_path):
