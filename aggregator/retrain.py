@@ -6,7 +6,9 @@ back from the store) with the last ``recent_s`` seconds of stored features, per 
 ``check_every_s``) and trains a new isolation forest from the last ``train_s`` seconds of stored,
 unflagged features when
 
-* the drift is above ``drift_threshold`` (PSI), or
+* the drift is above ``drift_threshold`` (PSI), or, with ``range_threshold`` set, more than that
+  share of the recent rows lie outside the training range of some feature (the check for a
+  ``recent_s`` shorter than the data's slowest normal cycle, see :mod:`models.drift`), or
 * ``schedule_s`` has passed since the profile's last model (None: never on time alone), or
 * someone asks: :meth:`Retrainer.retrain_now`.
 
@@ -99,8 +101,10 @@ class DriftMonitor:
         self, store, models: ModelRegistry, *, recent_s: float = 3600.0,
         psi_threshold: float = DEFAULT_PSI_THRESHOLD, min_rows: int = 50,
         clock: Callable[[], float] = time.time, exclude=None, fallback_s: float = 86400.0,
+        range_threshold: float | None = None,
     ) -> None:
         self.store, self.models = store, models
+        self.range_threshold = range_threshold
         self.recent_s, self.psi_threshold, self.min_rows = recent_s, psi_threshold, min_rows
         self.fallback_s = fallback_s
         self.clock = clock
@@ -128,7 +132,7 @@ class DriftMonitor:
             log.info("drift %s: too few rows to judge (champion %s)", profile, champion)
             return None
         return drift_report(reference.matrix, recent.matrix, manifest.feature_names,
-                            psi_threshold=self.psi_threshold)
+                            psi_threshold=self.psi_threshold, range_threshold=self.range_threshold)
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class Retrainer:
         profiles: Sequence[str] = ("machine",),
         schedule_s: float | None = None,
         drift_threshold: float = DEFAULT_PSI_THRESHOLD,
+        range_threshold: float | None = None,
         on_new_model: Callable[[str, str], None] | None = None,
         check_every_s: float = 300.0,
         recent_s: float = 3600.0,
@@ -177,7 +182,8 @@ class Retrainer:
         self.threshold_quantile = threshold_quantile
         self.exclude = label_exclusion(labels, label_horizon_s, label_margin_s)
         self.monitor = DriftMonitor(store, models, recent_s=recent_s, psi_threshold=drift_threshold,
-                                    clock=clock, exclude=self.exclude, fallback_s=train_s)
+                                    clock=clock, exclude=self.exclude, fallback_s=train_s,
+                                    range_threshold=range_threshold)
         self._lock = threading.Lock()  # one training at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

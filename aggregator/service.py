@@ -96,6 +96,9 @@ class RetrainSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     profiles: list[str] = msgspec.field(default_factory=lambda: ["machine"])
     schedule_s: Annotated[float, Meta(gt=0)] | None = None  # retrain on time alone (None: only on drift)
     drift_threshold: Annotated[float, Meta(gt=0)] = 0.2  # PSI of the most drifted feature
+    #: Drift by the share of recent rows outside the training range instead of PSI (None: PSI);
+    #: for a ``recent_s`` shorter than the data's slowest normal cycle (see models.drift).
+    range_threshold: Annotated[float, Meta(ge=0, lt=1)] | None = None
     recent_s: Annotated[float, Meta(gt=0)] = 3600.0  # recent window compared with the training window
     train_s: Annotated[float, Meta(gt=0)] = 86400.0  # stored features a new model learns from
     check_every_s: Annotated[float, Meta(gt=0)] = 300.0
@@ -270,7 +273,7 @@ class Aggregator:
                 return super().check(profile)
 
         return _Retrainer(self.store, self.models, key, profiles=r.profiles, schedule_s=r.schedule_s,
-                         drift_threshold=r.drift_threshold, on_new_model=self._roll_out, check_every_s=r.check_every_s,
+                         drift_threshold=r.drift_threshold, range_threshold=r.range_threshold, on_new_model=self._roll_out, check_every_s=r.check_every_s,
                          recent_s=r.recent_s, train_s=r.train_s, min_rows=r.min_rows, n_estimators=r.n_estimators,
                          labels=lambda start, end: self.labels.list(start=start, end=end),
                          label_horizon_s=r.label_horizon_s, label_margin_s=r.label_margin_s,

@@ -21,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["EPS", "DEFAULT_PSI_THRESHOLD", "psi", "ks_statistic", "DriftReport", "drift_report"]
+__all__ = ["EPS", "DEFAULT_PSI_THRESHOLD", "psi", "ks_statistic", "out_of_range_share", "DriftReport",
+           "drift_report"]
 
 #: Floor for a bin's share in the PSI formula.
 EPS = 1e-4
@@ -65,13 +66,26 @@ def ks_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
     return float(np.max(np.abs(fa - fb)))
 
 
+def out_of_range_share(reference: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """Per column, the share of ``recent`` rows below the reference's minimum or above its maximum."""
+    reference = np.asarray(reference, dtype=np.float64)
+    recent = np.asarray(recent, dtype=np.float64)
+    if reference.ndim != 2 or recent.ndim != 2 or reference.shape[1] != recent.shape[1]:
+        raise ValueError(f"need two 2-D samples with the same columns, got {reference.shape} and {recent.shape}")
+    if reference.shape[0] < 1 or recent.shape[0] < 1:
+        raise ValueError("out_of_range_share needs at least one row in each sample")
+    outside = (recent < reference.min(axis=0)) | (recent > reference.max(axis=0))
+    return outside.mean(axis=0)
+
+
 @dataclass(frozen=True)
 class DriftReport:
     """Per-feature PSI and KS of a recent window against the reference, and the verdict.
 
     ``drifted`` is true when some feature's PSI exceeds ``psi_threshold`` (or, when
-    ``ks_threshold`` is set, its KS exceeds that). ``top`` lists the most drifting features
-    by PSI, as (name, psi, ks).
+    ``ks_threshold`` is set, its KS exceeds that). With ``range_threshold`` set it is true when
+    some feature's out-of-range share exceeds that instead (PSI is then only reported; see the
+    module docstring). ``top`` lists the most drifting features by PSI, as (name, psi, ks).
     """
 
     names: list[str]
@@ -82,6 +96,12 @@ class DriftReport:
     reference_rows: int
     recent_rows: int
     top: list[tuple[str, float, float]] = field(default_factory=list)
+    outside: np.ndarray | None = None  # per feature, the share of recent rows out of the reference's range
+    range_threshold: float | None = None
+
+    @property
+    def max_outside(self) -> float:
+        return float(self.outside.max()) if self.outside is not None and self.outside.size else 0.0
 
     @property
     def max_psi(self) -> float:
@@ -90,6 +110,9 @@ class DriftReport:
     @property
     def drifting(self) -> list[str]:
         """Features over a threshold, most drifting first."""
+        if self.range_threshold is not None:
+            order = np.argsort(-self.outside, kind="stable")
+            return [self.names[i] for i in order if self.outside[i] > self.range_threshold]
         over = self.psi > self.psi_threshold
         if self.ks_threshold is not None:
             over |= self.ks > self.ks_threshold
@@ -102,6 +125,12 @@ class DriftReport:
 
     @property
     def verdict(self) -> str:
+        if self.range_threshold is not None:
+            worst = self.drifting[:3] or [self.names[int(np.argmax(self.outside))]]
+            shown = ", ".join(f"{n} ({self.outside[self.names.index(n)]:.0%} out of range)" for n in worst)
+            head = "drift" if self.drifted else f"no drift (<= {self.range_threshold:.0%} out of range)"
+            return (f"{head}: {shown}; max PSI {self.max_psi:.2f} ({self.recent_rows} recent vs "
+                    f"{self.reference_rows} reference rows)")
         if not self.drifted:
             return (
                 f"no drift: max PSI {self.max_psi:.3f} <= {self.psi_threshold} over "
@@ -117,6 +146,7 @@ class DriftReport:
             f"{prefix}max_psi": self.max_psi,
             f"{prefix}max_ks": float(self.ks.max()) if self.ks.size else 0.0,
             f"{prefix}features": float(len(self.drifting)),
+            f"{prefix}max_outside": self.max_outside,
         }
 
 
@@ -127,10 +157,12 @@ def drift_report(
     *,
     psi_threshold: float = DEFAULT_PSI_THRESHOLD,
     ks_threshold: float | None = None,
+    range_threshold: float | None = None,
     bins: int = 10,
     top: int = 5,
 ) -> DriftReport:
-    """Compare every column of ``recent`` with the same column of ``reference``."""
+    """Compare every column of ``recent`` with the same column of ``reference``; see
+    :class:`DriftReport` for what ``psi_threshold``, ``ks_threshold`` and ``range_threshold`` decide."""
     reference = np.asarray(reference, dtype=np.float64)
     recent = np.asarray(recent, dtype=np.float64)
     if reference.ndim != 2 or recent.ndim != 2:
@@ -147,6 +179,8 @@ def drift_report(
         )
     if not psi_threshold > 0:
         raise ValueError(f"psi_threshold must be > 0, got {psi_threshold}")
+    if range_threshold is not None and not 0 <= range_threshold < 1:
+        raise ValueError(f"range_threshold must be in [0, 1), got {range_threshold}")
     psis = np.array([psi(reference[:, j], recent[:, j], bins) for j in range(len(names))])
     kss = np.array([ks_statistic(reference[:, j], recent[:, j]) for j in range(len(names))])
     order = np.argsort(-psis, kind="stable")[:top]
@@ -159,4 +193,6 @@ def drift_report(
         reference_rows=int(reference.shape[0]),
         recent_rows=int(recent.shape[0]),
         top=[(names[i], float(psis[i]), float(kss[i])) for i in order],
+        outside=out_of_range_share(reference, recent),
+        range_threshold=None if range_threshold is None else float(range_threshold),
     )

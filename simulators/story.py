@@ -58,6 +58,14 @@ class StoryOptions:
     http_port: int = 0
     check_every_s: float = 2.0  # real seconds between the retrainer's drift checks
     drift_threshold: float = 0.2
+    #: Device seconds of recent features the drift check looks at (None: the warm-up's length).
+    recent_s: float | None = None
+    #: Drift by the share of recent rows out of the training range (see models.drift) instead of
+    #: PSI; needed when ``recent_s`` is shorter than a load cycle. None: PSI.
+    range_threshold: float | None = None
+    #: Device seconds of one normal operating cycle (the machine's slowest load swing, ~30 min):
+    #: ``recovered`` scores start this long after the drift settled (reported, see story_scores).
+    cycle_s: float = 2000.0
     #: Device seconds of stored features a retrained model learns from (labelled faults left out).
     #: Longer than the warm-up on purpose: a machine's load cycles over ~30 min, and a model that
     #: saw both the old and the new regime covers the whole normal range.
@@ -96,6 +104,8 @@ class StoryResult:
     frozen_after: dict[str, PeriodScore] = field(default_factory=dict)  # same windows, first model frozen
     after_onset: dict[str, PeriodScore] = field(default_factory=dict)  # loop, from the drift's onset (ramp included)
     frozen_after_onset: dict[str, PeriodScore] = field(default_factory=dict)
+    recovered: dict[str, PeriodScore] = field(default_factory=dict)  # loop, from one cycle after the drift settled
+    frozen_recovered: dict[str, PeriodScore] = field(default_factory=dict)
     sent: dict[tuple[str, str], int] = field(default_factory=dict)  # (device, kind) -> messages/readings
     stored: dict[tuple[str, str], int] = field(default_factory=dict)
     unconfirmed: list[str] = field(default_factory=list)  # devices whose outbox was not confirmed empty
@@ -257,7 +267,7 @@ class _Story:
             self.say(f"embedded MQTT broker on {url}")
         protocol = "auto" if caps is None else ("5" if caps.mqtt5 else "3.1.1")
         shared = caps is None or caps.shared_subscriptions
-        window = o.warmup_s
+        window = o.warmup_s if o.recent_s is None else o.recent_s
         cfg = AggregatorConfig(
             data_dir=str(run_dir),
             mqtt=MqttSettings(url=url, protocol=protocol, share_group=f"edgeloop-demo-{run_id}" if shared else None,
@@ -266,6 +276,7 @@ class _Story:
             influx=InfluxSettings(url=o.influx_url, database=o.influx_database, org=o.influx_org),
             http=HttpSettings(port=o.http_port),
             retrain=RetrainSettings(enabled=True, profiles=profiles, drift_threshold=o.drift_threshold,
+                                    range_threshold=o.range_threshold,
                                     recent_s=window, train_s=o.train_s, check_every_s=o.check_every_s,
                                     threshold_quantile=o.threshold_quantile, label_horizon_s=2 * sc.lead_s,
                                     min_rows=self.min_rows(window)),

@@ -15,7 +15,9 @@ watching, done, rejected, rolled back) and each new champion.
 * **frozen after**: that first model scored offline on the stored features of exactly those windows,
   what the fleet would have seen had nobody retrained;
 * **after onset** / **frozen after onset**: the same from the moment the drift began, ramp included
-  (the loop chases a moving world there; reported, not the bar).
+  (the loop chases a moving world there; reported, not the bar);
+* **recovered** / **frozen recovered**: from one operating cycle (``cycle_s``) after the drift
+  settled: the loop once it could have seen the new regime's whole cycle (reported, not the bar).
 """
 
 from __future__ import annotations
@@ -117,8 +119,10 @@ def score_story(story, agg, sources, result) -> None:
         retrained = set(result.versions.get(profile, [])) - {first, None} - {v for v in result.versions.get(profile, [])[:1]}
         if not retrained or not any(story.profiles[d] == profile for d in drift_start):
             continue
+        recovered = {d: t + o.cycle_s for d, t in drift_settled.items()}
         for since, loop_out, frozen_out in ((drift_settled, result.after, result.frozen_after),
-                                            (drift_start, result.after_onset, result.frozen_after_onset)):
+                                            (drift_start, result.after_onset, result.frozen_after_onset),
+                                            (recovered, result.recovered, result.frozen_recovered)):
             _score_after(story, agg, rows, faults, profile, first, since, loop_out, frozen_out, kw)
 
 

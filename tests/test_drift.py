@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.drift import DriftReport, drift_report, ks_statistic, psi
+from models.drift import DriftReport, drift_report, ks_statistic, out_of_range_share, psi
 from models.features import feature_names
 from models.training import make_simulator, simulated_windows
 from simulators.machine import CHANNELS, Fault
@@ -81,3 +81,36 @@ def test_ks_threshold_and_argument_checks():
         drift_report(ref[:3], cur, ["a", "b"])
     with pytest.raises(ValueError, match="psi_threshold"):
         drift_report(ref, cur, ["a", "b"], psi_threshold=0)
+
+
+def test_a_short_window_of_a_seen_cycle_is_psi_drift_but_not_out_of_range(reference):
+    """Why ``range_threshold`` exists: 300 s of a machine whose load cycles over ~30 min fill only
+    some of the reference's bins, so PSI calls it drift; its values stay inside the range seen."""
+    short = np.vstack([windows(s, 60, REFERENCE_WINDOWS * 50) for s in MACHINES])  # 300 s each
+    report = drift_report(reference, short, NAMES)
+    assert report.drifted and report.max_psi > 0.2  # PSI reads the cycle's phase as drift
+    by_range = drift_report(reference, short, NAMES, range_threshold=0.05)
+    assert not by_range.drifted and by_range.max_outside <= 0.05, by_range.verdict
+    assert by_range.max_psi == report.max_psi  # PSI is still reported
+    assert "no drift" in by_range.verdict and "out of range" in by_range.verdict
+
+
+def test_a_short_window_after_an_ambient_shift_is_out_of_range(reference):
+    from simulators.base import Drift
+
+    shifted = np.vstack([simulated_windows(make_simulator("machine", seed=s, drift=[Drift("ambient", 0.0, size=6.0)]),
+                                           windows=60, start=REFERENCE_WINDOWS * 50)[0] for s in MACHINES])
+    report = drift_report(reference, shifted, NAMES, range_threshold=0.05)
+    assert report.drifted and report.max_outside > 0.5
+    assert report.drifting[0].startswith("bearing_temp__"), report.verdict
+    assert report.as_metrics()["drift_max_outside"] == report.max_outside
+
+
+def test_out_of_range_share_counts_both_sides_per_column():
+    ref = np.array([[0.0, 10.0], [1.0, 20.0]])
+    cur = np.array([[-0.1, 15.0], [0.5, 25.0], [2.0, 20.0], [0.5, 10.0]])
+    assert out_of_range_share(ref, cur).tolist() == [0.5, 0.25]
+    with pytest.raises(ValueError, match="same columns"):
+        out_of_range_share(ref, cur[:, :1])
+    with pytest.raises(ValueError, match="range_threshold"):
+        drift_report(np.zeros((20, 1)), np.zeros((3, 1)), ["a"], range_threshold=1.0)

@@ -49,7 +49,8 @@ def publish_recent(store, faults=()):
 
 
 def retrainer(store, registry, priv, calls, **kw):
-    return Retrainer(store, registry, priv, profiles=["machine"], recent_s=5.0 * RECENT,
+    kw.setdefault("recent_s", 5.0 * RECENT)
+    return Retrainer(store, registry, priv, profiles=["machine"],
                      n_estimators=20, on_new_model=lambda p, v: calls.append((p, v)),
                      clock=lambda: END, **kw)
 
@@ -149,3 +150,27 @@ def test_threshold_quantile_reaches_the_manifest(setup):
     r = retrainer(store, registry, priv, [], threshold_quantile=0.999)
     m = registry.get("machine", r.retrain_now("machine")).manifest
     assert m.params["threshold_quantile"] == 0.999 and m.metrics["train_alarm_rate"] <= 0.0015
+
+
+def test_range_threshold_judges_a_short_recent_window_by_what_the_model_never_saw(setup):
+    """A recent window shorter than the load cycle: PSI calls the steady machine drifted, the
+    out-of-range share does not; an ambient shift leaves the training range and is drift."""
+    from simulators.base import Drift
+
+    store, registry, priv, _ = setup
+    publish_recent(store)
+    short = dict(recent_s=300.0, min_rows=10)
+    by_psi = Retrainer(store, registry, priv, profiles=["machine"], n_estimators=20, clock=lambda: END, **short)
+    assert by_psi.monitor.check("machine").drifted  # the cycle's phase, read as drift
+    calls = []
+    r = retrainer(store, registry, priv, calls, range_threshold=0.05, **short)
+    decision = r.check("machine")
+    assert decision.reason == "none" and not decision.drift.drifted, decision.drift.verdict
+    for s in MACHINES:  # 10 more minutes, 6 °C warmer
+        sim = make_simulator("machine", seed=s, drift=[Drift("ambient", 0.0, size=6.0)])
+        X, _ = simulated_windows(sim, windows=120, start=(REFERENCE + RECENT) * 50)
+        store_windows(store, f"m-{s}", X, seq0=REFERENCE + RECENT + 1, t0=END - 1.0)
+    r.clock = r.monitor.clock = lambda: END + 600.0
+    decision = r.check("machine")
+    assert decision.reason == "drift" and decision.version == "1.0.1" and calls == [("machine", "1.0.1")]
+    assert decision.drift.max_outside > 0.5

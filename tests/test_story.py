@@ -1,8 +1,8 @@
 """The loop proven on the drift scenario, and the quick demo end to end.
 
 ``test_the_loop_restores_f1_after_drift_and_a_frozen_model_does_not`` runs the example
-``drift.toml`` (six machines, ambient and regime drift, bearing wear before and sudden faults
-after) through :func:`simulators.story.run_story`: embedded broker, SQLite store, the real
+``drift.toml`` (six machines for two hours: a 40-min warm-up with bearing wear, ambient and
+regime drift, sudden faults after) through :func:`simulators.story.run_story`: embedded broker, SQLite store, the real
 retrainer and rollout manager, every device a real agent on the fleet runner. The scenario's own
 seed (31) was not used to pick any setting (those were tried on seed offsets 1000-3000). Its bar
 is the issue's: the loop's post-drift F1 >= 0.9 while the frozen first model stays below 0.9.
@@ -22,16 +22,23 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "measured (speed 60, F1 after the drift has set in, loop vs frozen first model): seed 31 "
-    "0.11 (66 alarms, 2 of 3 faults); tuning seeds 131: 0.38 vs 0.06, 231: 0.12 vs 0.14. "
-    "Models trained on 300-1200 s of a 30-min load cycle false-alarm too often; see the H4 report"))
+    "measured (speed 120, 40-min warm-up, out-of-range drift check on 300 s, F1 after the drift settled, loop vs "
+    "frozen first model): seeds 131 0.04 vs 0.04, 231 0.05 vs 0.04. The first model's watch overlaps the drift "
+    "onset and rolls it back; the drift retrain's rollout then stays in canary to the end of the run, and the "
+    "retrainer does not check while a rollout runs. Offline (instant rollouts) the loop is clean from ~1 cycle "
+    "after the drift; see the H5 report"))
 def test_the_loop_restores_f1_after_drift_and_a_frozen_model_does_not(tmp_path):
     from simulators.scenario import EXAMPLES, load
     from simulators.story import StoryOptions, run_story
 
     lines: list[str] = []
-    result = run_story(StoryOptions(scenario=load(EXAMPLES / "drift.toml"), speed=60.0, data_dir=str(tmp_path),
-                                    say=lambda m: lines.append(str(m))))
+    # A model sees a whole load cycle (~30 min) before it is trusted: 40 min of warm-up; drift is
+    # judged on 5 min by the share of rows outside the training range (PSI on 5 min of a 30-min
+    # cycle reads the cycle's phase as drift) and retrained models learn from all stored clean rows.
+    speed = 120.0
+    result = run_story(StoryOptions(scenario=load(EXAMPLES / "drift.toml"), speed=speed, data_dir=str(tmp_path),
+                                    warmup_s=2400.0, recent_s=300.0, range_threshold=0.05, train_s=7200.0,
+                                    check_every_s=120.0 / speed, say=lambda m: lines.append(str(m))))
     story = "\n".join(lines)
     assert result.delivered, (result.unconfirmed, story)
     assert any(reason == "drift" for _, reason, _ in result.retrains), story
