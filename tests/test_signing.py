@@ -166,3 +166,63 @@ def test_import_does_not_load_cryptography(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- EDGELOOP_VERIFY_IN_CHILD: the same checks and reasons, run in a short-lived child process ------
+
+
+@pytest.fixture
+def in_child(monkeypatch):
+    monkeypatch.setenv("EDGELOOP_VERIFY_IN_CHILD", "1")
+
+
+def test_child_verifier_accepts_and_refuses_like_in_process(keys, tmp_path, in_child):
+    from models.signing import verify_in_child
+
+    assert verify_in_child()
+    priv, pub = keys
+    signed = sign(_manifest(), ONNX, priv)
+    verify(signed, ONNX, pub)
+    other = generate_keypair(tmp_path)[1].read_bytes()
+    assert _reason(signed, ONNX, other) == "bad_signature"
+    tampered = msgspec.structs.replace(signed, threshold=0.5)
+    assert _reason(tampered, ONNX, pub) == "bad_signature"
+    assert _reason(signed, ONNX, b"not a key") == "malformed_key"
+
+
+def test_child_verifier_checks_key_rotations(keys, tmp_path, in_child):
+    from models.signing import sign_key_rotation, verify_key_rotation
+
+    priv, pub = keys
+    new_pub = generate_keypair(tmp_path)[1].read_bytes()
+    signature = sign_key_rotation(new_pub, "k2", priv)
+    verify_key_rotation(new_pub, "k2", signature, pub)
+    with pytest.raises(SignatureError) as err:
+        verify_key_rotation(new_pub, "k3", signature, pub)  # signed for another key id
+    assert err.value.reason == "bad_signature"
+    with pytest.raises(SignatureError) as err:
+        verify_key_rotation(b"garbage", "k2", signature, pub)
+    assert err.value.reason == "malformed_key"
+
+
+def test_child_verifier_never_imports_cryptography_here(keys):
+    """The point of the child: a device verifying models never maps cryptography itself."""
+    priv, pub = keys
+    signed = sign(_manifest(), ONNX, priv)
+    code = (
+        "import sys, msgspec, models.signing as s\n"
+        "from models.manifest import Manifest\n"
+        "m = msgspec.json.decode(sys.stdin.buffer.read(), type=Manifest)\n"
+        f"s.verify(m, {ONNX!r}, {pub!r})\n"
+        "try:\n"
+        f"    s.verify(msgspec.structs.replace(m, threshold=0.5), {ONNX!r}, {pub!r})\n"
+        "except s.SignatureError as e:\n"
+        "    assert e.reason == 'bad_signature', e.reason\n"
+        "else:\n"
+        "    raise SystemExit('a tampered manifest verified')\n"
+        "assert 'cryptography' not in sys.modules, 'cryptography was imported in the verifying process'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "EDGELOOP_VERIFY_IN_CHILD": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], input=msgspec.json.encode(signed), capture_output=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
