@@ -101,35 +101,64 @@ class DriftMonitor:
         self, store, models: ModelRegistry, *, recent_s: float = 3600.0,
         psi_threshold: float = DEFAULT_PSI_THRESHOLD, min_rows: int = 50,
         clock: Callable[[], float] = time.time, exclude=None, fallback_s: float = 86400.0,
-        range_threshold: float | None = None,
+        range_threshold: float | None = None, reference_s: float | None = None,
     ) -> None:
         self.store, self.models = store, models
+        self.reference_s = recent_s if reference_s is None else reference_s
         self.range_threshold = range_threshold
         self.recent_s, self.psi_threshold, self.min_rows = recent_s, psi_threshold, min_rows
         self.fallback_s = fallback_s
         self.clock = clock
         self.exclude = exclude
+        self._first: dict[str, float] = {}  # profile -> device time of its oldest stored row seen
 
-    def check(self, profile: str) -> DriftReport | None:
-        """The drift report, or None when there is no champion or too few rows to judge.
+    def _first_stored(self, profile: str, now: float, kw: dict) -> float:
+        """Device time of ``profile``'s oldest stored feature row within ``fallback_s`` of ``now``
+        (``now - fallback_s`` when none, or when the store holds rows older than that): looked
+        up until found, then remembered."""
+        first = self._first.get(profile)
+        if first is None:
+            rows = self.store.feature_rows(profile, max(0.0, now - self.fallback_s), now, **kw)
+            if not len(rows.devices):
+                return now - self.fallback_s
+            first = self._first[profile] = float(np.min(np.asarray(rows.times, dtype=np.float64)))
+        return first
 
-        A champion trained elsewhere (a factory model, or a rollback to one) has no training
-        window in the store: the reference is then the ``recent_s`` that began ``fallback_s``
-        ago (the oldest part of what a retrain would learn from), so the loop keeps watching."""
-        champion = self.models.champion(profile)
-        if champion is None:
+    def check(self, profile: str, version: str | None = None) -> DriftReport | None:
+        """The drift report against the training window of ``version`` (default: the champion),
+        or None when there is no such model or too few rows to judge.
+
+        A model trained elsewhere (a factory model, or a rollback to one) has no training window
+        in the store: the reference is then the oldest ``reference_s`` (default ``recent_s``) of
+        the rows stored within the last ``fallback_s`` (the oldest part of what a retrain would
+        learn from), judged only once that much is stored before the recent window, so the loop
+        keeps watching. (It used to be the ``recent_s`` that began exactly ``fallback_s`` ago,
+        which is empty while the store holds less than ``fallback_s`` of data: measured in the
+        drift story, a rollback to the factory model left drift unjudged for an hour.) With the
+        range check, ``reference_s`` should span a whole normal operating cycle, like ``recent_s``
+        for PSI: a shorter reference reads the cycle's phase as drift."""
+        version = version or self.models.champion(profile)
+        if version is None:
             return None
-        manifest = self.models.get(profile, champion).manifest
+        manifest = self.models.get(profile, version).manifest
         lo, hi = manifest.training_window
         now = self.clock()
-        if not hi > lo:
-            lo = max(0.0, now - self.fallback_s)
-            hi = min(lo + self.recent_s, now - self.recent_s)
         kw = {"feature_set": manifest.feature_set, "names": manifest.feature_names}
+        if not hi > lo:
+            lo = max(self._first_stored(profile, now, kw), min(now - self.fallback_s, now - self.recent_s - self.reference_s))
+            hi = lo + self.reference_s
+            if hi > now - self.recent_s:  # not yet a whole reference before the recent window
+                log.info("drift %s: too few rows to judge (model %s has no training window; %.0f s of the "
+                         "%.0f s reference stored)", profile, version, max(0.0, now - self.recent_s - lo),
+                         self.reference_s)
+                return None
         reference = _without(self.store.feature_rows(profile, lo, hi + 1e-6, **kw), self.exclude) if hi > lo else None
         recent = _without(self.store.feature_rows(profile, max(0.0, now - self.recent_s), now, **kw), self.exclude)
         if reference is None or min(len(reference.devices), len(recent.devices)) < self.min_rows:
-            log.info("drift %s: too few rows to judge (champion %s)", profile, champion)
+            log.info("drift %s: too few rows to judge (model %s; reference %.0f-%.0f, %d recent rows)", profile,
+                     version, lo, hi, len(recent.devices))
+            if reference is not None and len(reference.devices) < self.min_rows:
+                self._first.pop(profile, None)  # retention may have removed them: look again next time
             return None
         return drift_report(reference.matrix, recent.matrix, manifest.feature_names,
                             psi_threshold=self.psi_threshold, range_threshold=self.range_threshold)
@@ -170,6 +199,7 @@ class Retrainer:
         label_horizon_s: float = 60.0,
         label_margin_s: float = 120.0,
         threshold_quantile: float = 0.995,
+        reference_s: float | None = None,
     ) -> None:
         self.store, self.models = store, models
         self._key = load_private_key(signing_key)
@@ -183,7 +213,7 @@ class Retrainer:
         self.exclude = label_exclusion(labels, label_horizon_s, label_margin_s)
         self.monitor = DriftMonitor(store, models, recent_s=recent_s, psi_threshold=drift_threshold,
                                     clock=clock, exclude=self.exclude, fallback_s=train_s,
-                                    range_threshold=range_threshold)
+                                    range_threshold=range_threshold, reference_s=reference_s)
         self._lock = threading.Lock()  # one training at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -21,6 +21,19 @@ One rollout per profile at a time, a small state machine persisted as JSON under
   the model, rolls back: a signed rollback entry (:mod:`aggregator.model_rollback`) is offered and
   made every device's champion, and the registry points at it.
 
+**Drift ends the watch, not the gate.** The gate compares both models on the same windows, which
+stays fair when the world changes. The watch compares the new champion's windows with the old
+champion's earlier ones: after a drift that is a regime the new model was not trained for against
+one it was (measured in the drift story: a good first model rolled back for the drift's false
+alarms, which the old champion raised as well). So when the retrainer reports drift from the
+rolled-out version's training data (:meth:`RolloutManager.note_drift`), a watch ends ``done``
+("not judged") as soon as it runs, and the retrainer takes over with a model of the new regime.
+
+Every state ends on its own: no gate verdict by ``canary_timeout_s`` rejects the model naming the
+canaries that gave too few paired windows; silent devices hold a wave for ``wave_timeout_s`` at
+most; the watch is judged on what came by ``watch_timeout_s``. The profile is then free for the
+next rollout.
+
 Observers run on the ingest writer's thread and only record; every decision and every publish
 happens in :meth:`RolloutManager.tick` (driven by :meth:`serve`'s thread or by a test's clock).
 The distributor is anything with ``offer(profile, version)``, ``set_desired(device, *, champion,
@@ -185,6 +198,29 @@ class RolloutManager:
             self._save(profile)
             return self.status(profile)
 
+    def note_drift(self, profile: str, why: str, *, now: float | None = None) -> bool:
+        """The world drifted from the training data of the version being rolled out (``why``: the
+        drift check's verdict). A running watch ends ``done`` without a verdict; a canary or a
+        promotion goes on (the gate is like-for-like) and its watch ends as soon as it begins.
+        False when no rollout of ``profile`` runs or the drift was already noted."""
+        now = time.time() if now is None else now
+        with self._act:
+            r = self._rollouts.get(profile)
+            if r is None or r.state not in ACTIVE_STATES or r.drift:
+                return False
+            with self._lock:
+                r.drift = why
+            self._event(r, now, f"drift from {r.version}'s training data: {why}")
+            if r.state == "watching":
+                self._end_watch_on_drift(r, now)
+            self._save(profile)
+            return True
+
+    def _end_watch_on_drift(self, r: Rollout, now: float) -> None:
+        self._finish(r, now, "done", f"watch not judged: the world drifted from {r.version}'s training data, "
+                     "and comparing it with the previous champion's earlier windows would judge the drift; "
+                     "the retrainer takes over")
+
     def _require_active(self, profile: str, version: str | None, allow_done: bool = False) -> Rollout:
         r = self._rollouts.get(profile)
         ok = ACTIVE_STATES | ({"done"} if allow_done else set())
@@ -267,6 +303,9 @@ class RolloutManager:
         r = live.r
         if r.rejections:
             self._roll_back(r, now, list(r.rejections))
+            return
+        if r.drift:
+            self._end_watch_on_drift(r, now)
             return
         with self._lock:
             watch = list(r.watch)

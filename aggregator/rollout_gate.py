@@ -60,6 +60,9 @@ class RolloutPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
     canary_timeout_s: Annotated[float, Meta(gt=0)] = 3600.0  # no verdict by then: rejected
     wave_timeout_s: Annotated[float, Meta(gt=0)] = 600.0  # a wave stops waiting for silent devices
     watch_timeout_s: Annotated[float, Meta(gt=0)] = 86400.0  # too few windows by then: judged on what came
+    #: Seconds between two rounds of decisions (:meth:`RolloutManager.serve`): each state change
+    #: waits up to this long, so a rollout's canary, waves and watch take a few of them.
+    tick_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
     #: Labelled windows this long before a fault or after it are neither fault nor normal (an early
     #: warning, a machine settling back): not judged.
     label_lead_s: Annotated[float, Meta(ge=0)] = 60.0

@@ -78,6 +78,9 @@ class Rollout(Struct, kw_only=True):
     watch_started_at: float = 0.0
     watch_verdict: Verdict | None = None
     rollback_version: str | None = None
+    #: Why the world drifted from this version's training data during the rollout ("": it did
+    #: not), as the retrainer's drift check said (:meth:`RolloutManager.note_drift`).
+    drift: str = ""
     reasons: list[str] = []
     error: str = ""
     events: list[tuple[float, str]] = []

@@ -100,6 +100,10 @@ class RetrainSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     #: for a ``recent_s`` shorter than the data's slowest normal cycle (see models.drift).
     range_threshold: Annotated[float, Meta(ge=0, lt=1)] | None = None
     recent_s: Annotated[float, Meta(gt=0)] = 3600.0  # recent window compared with the training window
+    #: For a champion with no training window in the store (a factory model, a rollback to one):
+    #: the oldest this-long of stored features is its reference (None: ``recent_s``). Make it a
+    #: whole operating cycle when ``range_threshold`` is set.
+    reference_s: Annotated[float, Meta(gt=0)] | None = None
     train_s: Annotated[float, Meta(gt=0)] = 86400.0  # stored features a new model learns from
     check_every_s: Annotated[float, Meta(gt=0)] = 300.0
     min_rows: Annotated[int, Meta(ge=10)] = 200
@@ -260,24 +264,42 @@ class Aggregator:
         rollouts = self.rollouts
 
         class _Retrainer(Retrainer):
-            """Skips a profile while one of its rollouts runs: the champion it would compare with
-            is about to change, and a model trained now could not be rolled out anyway."""
+            """While a rollout of a profile runs, trains nothing (the champion it would compare
+            with is about to change, and a model trained now could not be rolled out), but keeps
+            checking drift against the rolled-out version's training data and tells the rollout
+            (:meth:`RolloutManager.note_drift`: a drift ends its watch unjudged). Every rollout
+            state times out, so a check is skipped for a bounded time; each skip is logged once."""
+
+            def __init__(self, *args, **kw) -> None:
+                super().__init__(*args, **kw)
+                self._skipped: dict[str, tuple[str, str]] = {}  # profile -> (version, state) last logged
 
             def check(self, profile: str):
                 from aggregator.retrain import RetrainDecision
                 from aggregator.rollout import ACTIVE_STATES
 
-                if (rollouts.status(profile) or {}).get("state") in ACTIVE_STATES:
-                    decision = self.last[profile] = RetrainDecision(profile, "rollout running")
-                    return decision
-                return super().check(profile)
+                status = rollouts.status(profile) or {}
+                if status.get("state") not in ACTIVE_STATES:
+                    return super().check(profile)
+                report = None
+                if not status.get("drift"):
+                    report = self.monitor.check(profile, status["version"])
+                    if report is not None and report.drifted:
+                        rollouts.note_drift(profile, report.verdict)
+                running = (status["version"], status["state"])
+                if self._skipped.get(profile) != running:
+                    self._skipped[profile] = running
+                    log.info("retrain check of %s skipped while its rollout of %s is %s (since %s)", profile,
+                             running[0], running[1], status.get("started_at"))
+                decision = self.last[profile] = RetrainDecision(profile, "rollout running", report)
+                return decision
 
         return _Retrainer(self.store, self.models, key, profiles=r.profiles, schedule_s=r.schedule_s,
                          drift_threshold=r.drift_threshold, range_threshold=r.range_threshold, on_new_model=self._roll_out, check_every_s=r.check_every_s,
                          recent_s=r.recent_s, train_s=r.train_s, min_rows=r.min_rows, n_estimators=r.n_estimators,
                          labels=lambda start, end: self.labels.list(start=start, end=end),
                          label_horizon_s=r.label_horizon_s, label_margin_s=r.label_margin_s,
-                         threshold_quantile=r.threshold_quantile, **kw)
+                         threshold_quantile=r.threshold_quantile, reference_s=r.reference_s, **kw)
 
     def _roll_out(self, profile: str, version: str) -> None:
         """A retrained model goes to canaries in shadow; with none running yet it cannot (said why)."""
@@ -302,7 +324,7 @@ class Aggregator:
         try:
             self.ota.start()
             self.ingest.start()
-            self.rollouts.serve(1.0)
+            self.rollouts.serve(self.config.rollout.tick_s)
             if self.retrainer is not None:
                 self.retrainer.start()
         except BaseException:

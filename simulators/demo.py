@@ -95,7 +95,9 @@ def run_demo(options: DemoOptions) -> bool:
         scores.add_column(col)
     for profile in sorted(set(result.before) | set(result.after)):
         for period, s in (("before drift", result.before.get(profile)), ("after drift: loop", result.after.get(profile)),
-                          ("after drift: frozen", result.frozen_after.get(profile))):
+                          ("after drift: frozen", result.frozen_after.get(profile)),
+                          ("a cycle later: loop", result.recovered.get(profile)),
+                          ("a cycle later: frozen", result.frozen_recovered.get(profile))):
             if s is not None:
                 scores.add_row(profile, period, s.model, str(s.windows), str(s.faults), str(s.detected),
                                str(s.alarms), f"{s.f1:.2f}")

@@ -34,7 +34,10 @@ checks signature and hashes and installs into its own directory). For the same r
 outboxes, a simulated fleet's receivers skip fsync (``durable_models=False``), and devices that
 install identical bytes may share one onnxruntime session through ``session_cache`` (an
 :class:`edge_agent.inference.SessionCache`; a thousand sessions of a 1 MB model cost seconds and
-GBs; ``bench/ota_push.py`` measures both ways).
+GBs; ``bench/ota_push.py`` measures both ways). Their download progress is recorded every
+``model_save_every_s`` seconds (30 s; a device's 2 s would make a fleet-wide push write two
+files per device every 2 s while the chunks queue up): a kill of the simulating process then
+re-requests at most that much, which a simulation can afford.
 
 Use::
 
@@ -88,7 +91,8 @@ class FleetRunner:
     one thread, so sharing a session is safe). ``network_loop``: a running loop to share, or None
     for one of the runner's own. ``session_cache`` (a ``SessionCache``) lets devices that install
     the same pushed model bytes share one session; ``durable_models`` keeps fsync in their model
-    receivers (off by default in a simulation, see the module docstring).
+    receivers (off by default in a simulation) and ``model_save_every_s`` sets how often their
+    download progress is recorded (see the module docstring).
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class FleetRunner:
         outbox_synchronous: str | None = "NORMAL",
         session_cache=None,
         durable_models: bool = False,
+        model_save_every_s: float = 30.0,
         catch_up_s: float = 2.0,
         max_idle_s: float = 0.2,
         connect_timeout: float = 10.0,
@@ -132,6 +137,7 @@ class FleetRunner:
             if receiver is not None:  # a device with a profile: models pushed over MQTT
                 receiver.durable = durable_models
                 receiver.session_cache = session_cache
+                receiver.save_every = (receiver.save_every[0], float(model_save_every_s))
             self.agents.append(agent)
         self.by_device = {a.device: a for a in self.agents}
         self.stats = FleetStats()

@@ -127,7 +127,7 @@ def story_policy(window_s: float, speed: float):
 
     return RolloutPolicy(gate_windows=12, latency_factor=5.0, latency_slack_us=20_000.0,
                          waves=[0.5, 1.0], watch_windows=60, wave_timeout_s=30.0,
-                         canary_timeout_s=max(30.0, 40 * window_s / speed), watch_timeout_s=60.0)
+                         canary_timeout_s=max(30.0, 40 * window_s / speed), watch_timeout_s=60.0, tick_s=0.25)
 
 
 #: Channels that report a state (0/1), per profile: they hold their value for minutes and jump
@@ -278,6 +278,7 @@ class _Story:
             retrain=RetrainSettings(enabled=True, profiles=profiles, drift_threshold=o.drift_threshold,
                                     range_threshold=o.range_threshold,
                                     recent_s=window, train_s=o.train_s, check_every_s=o.check_every_s,
+                                    reference_s=o.warmup_s,  # the factory model's: a whole warm-up
                                     threshold_quantile=o.threshold_quantile, label_horizon_s=2 * sc.lead_s,
                                     min_rows=self.min_rows(window)),
             rollout=story_policy(sc.window_s, o.speed),

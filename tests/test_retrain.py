@@ -174,3 +174,47 @@ def test_range_threshold_judges_a_short_recent_window_by_what_the_model_never_sa
     decision = r.check("machine")
     assert decision.reason == "drift" and decision.version == "1.0.1" and calls == [("machine", "1.0.1")]
     assert decision.drift.max_outside > 0.5
+
+
+def test_a_champion_without_a_training_window_is_judged_on_the_oldest_stored_rows(tmp_path):
+    """A factory model (or a rollback to one) has no training window in the store. With less
+    stored than ``fallback_s`` (the story: 1 h of data, ``train_s`` 2 h) the reference is the
+    oldest ``recent_s`` stored; it used to be the empty ``recent_s`` from ``fallback_s`` ago, so
+    drift went unjudged until the store was ``fallback_s`` old."""
+    from simulators.base import Drift
+
+    priv, _ = generate_keypair(tmp_path)
+    registry = ModelRegistry(tmp_path / "models")
+    from models.training import train_isolation_forest
+
+    X, _ = simulated_windows(make_simulator("machine", seed=9), windows=200)
+    onnx_bytes, manifest = train_isolation_forest(X, feature_names(CHANNELS), version="0.1.0", profile="machine",
+                                                  seed=0, n_estimators=20)
+    assert manifest.training_window == (0.0, 0.0)  # trained elsewhere: no window in the store
+    registry.add(onnx_bytes, sign(manifest, onnx_bytes, priv))
+    registry.promote("machine", "0.1.0")
+    steady, warm = 400, 120  # windows of 5 s per machine: 33 min, then 10 min 6 °C warmer
+    end = T0 + 5.0 * (steady + warm) + 1.0
+    with SQLiteStore(str(tmp_path / "store.sqlite")) as store:
+        for s in MACHINES:
+            X, _ = simulated_windows(make_simulator("machine", seed=s), windows=steady)
+            store_windows(store, f"m-{s}", X)
+            sim = make_simulator("machine", seed=s, drift=[Drift("ambient", 0.0, size=6.0)])
+            X, _ = simulated_windows(sim, windows=warm, start=steady * 50)
+            store_windows(store, f"m-{s}", X, seq0=steady + 1, t0=T0 + 5.0 * steady)
+        calls = []
+        r = Retrainer(store, registry, priv, profiles=["machine"], n_estimators=20, recent_s=300.0,
+                      train_s=7200.0, min_rows=10, range_threshold=0.05, clock=lambda: end,
+                      on_new_model=lambda p, v: calls.append((p, v)))
+        report = r.monitor.check("machine")
+        assert report is not None, "a factory champion's drift must be judged on the stored rows"
+        assert report.drifted and 4 * 60 <= report.reference_rows <= 4 * 61  # the first 300 s of each machine
+        assert r.check("machine").reason == "drift" and calls == [("machine", "0.1.1")]
+        # A reference longer than what is stored before the recent window: not judged yet.
+        long_ref = Retrainer(store, registry, priv, profiles=["machine"], recent_s=300.0, train_s=7200.0,
+                             min_rows=10, range_threshold=0.05, clock=lambda: end, reference_s=2400.0)
+        assert long_ref.monitor.check("machine") is None  # 2300 s stored before the recent 300 s
+        long_ref.monitor.reference_s = 1800.0
+        assert long_ref.monitor.check("machine").reference_rows >= 4 * 360
+        # Against a given version (a rollout's candidate): its own training window.
+        assert r.monitor.check("machine", "0.1.1").drifted is False

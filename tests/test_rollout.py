@@ -592,3 +592,42 @@ def test_watch_compares_false_alarms_with_the_old_champions_labelled_windows(tmp
     assert status["state"] == "done", status["events"]
     watch = status["watch_verdict"]["stats"]["watch"]
     assert watch["false_rate"] == pytest.approx(0.1) and watch["baseline_false_rate"] == pytest.approx(0.2)
+
+
+def test_drift_ends_the_watch_unjudged_and_a_rejection_still_rolls_back(world):
+    """A drift the retrainer found ends the watch ``done`` (the new champion is not judged on a
+    regime it was not trained for against the old champion's earlier windows); the gate,
+    like-for-like on the same windows, goes on; a device refusing the model still rolls back."""
+    assert not world.mgr.note_drift(PROFILE, "nothing running", now=T0)
+    world.mgr.start(PROFILE, "2.0", canary=1, now=T0)
+    assert world.mgr.note_drift(PROFILE, "bearing_temp__mean (100% out of range)", now=T0 + 1)
+    assert not world.mgr.note_drift(PROFILE, "again", now=T0 + 2)  # noted once
+    assert world.mgr.status(PROFILE)["state"] == "canary"  # the gate still decides
+    world.canary_windows(["d1"], 20)
+    world.mgr.tick(T0 + 100)
+    world.promote_through_waves(T0 + 101)
+    world.watch_windows(30, anomaly=lambda i: True)  # every window flagged: would roll back
+    world.mgr.tick(T0 + 300)
+    status = world.mgr.status(PROFILE)
+    assert status["state"] == "done" and "watch not judged: the world drifted" in status["events"][-1][1]
+    assert status["drift"] == "bearing_temp__mean (100% out of range)"
+    assert world.models.champion(PROFILE) == "2.0"
+    assert status["watch_verdict"] is None
+
+
+def test_drift_noted_while_watching_ends_it_at_once_and_survives_a_restart(world):
+    _promoted(world)
+    world.watch_windows(10)
+    assert world.mgr.note_drift(PROFILE, "ambient shift", now=T0 + 200)
+    status = world.mgr.status(PROFILE)
+    assert status["state"] == "done" and world.models.champion(PROFILE) == "2.0"
+    assert world.manager().status(PROFILE)["drift"] == "ambient shift"  # persisted
+
+
+def test_rejection_wins_over_drift_in_the_watch(world):
+    _promoted(world)
+    world.deploy("d3", "2.0", "rejected", "smoke: onnxruntime failed")
+    with world.mgr._act:  # the report and the drift arrive before the next tick
+        world.mgr._rollouts[PROFILE].drift = "ambient shift"
+    world.mgr.tick(T0 + 300)
+    assert world.mgr.status(PROFILE)["state"] == "rolled_back"

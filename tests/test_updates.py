@@ -205,3 +205,39 @@ def test_mqtt_link_unsubscribe(mosquitto):
         assert b"two" not in seen  # every "two" was published after the unsubscribe
     finally:
         link.stop()
+
+
+def test_a_retained_offer_asks_for_its_chunks_at_once_a_live_one_waits(forest, mosquitto, tmp_path):
+    """A retained offer reached us on our subscription, after its broadcast: no chunk will come
+    unasked, so the chunk request goes out at once (it used to wait ``rerequest_after_s``, which
+    cost every wave of a promotion that second). A live offer's chunks follow it: no request."""
+    import uuid
+
+    from paho.mqtt.client import MQTTMessage
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig, ModelSettings, MqttSettings, SamplingSettings
+    from tests.waiting import wait_until
+
+    onnx, _ = forest
+    cfg = AgentConfig(device_id=f"upd-{uuid.uuid4().hex[:6]}", profile=PROFILE, data_dir=str(tmp_path / "dev"),
+                      mqtt=MqttSettings(url=mosquitto.url, protocol="5"),
+                      sampling=SamplingSettings(rate_hz=10.0, batch_s=1.0, window_s=5.0),
+                      models=ModelSettings(allow_unsigned=True, rerequest_after_s=60.0))
+    agent = Agent(cfg, on_accept=lambda m: None)
+    agent.open(connect_timeout=15)
+    try:
+        wait_until(lambda: agent._link is not None and agent._link.connected, timeout=30, what="agent connected")
+        u = agent.updates
+        for version, retain in (("2.0.0", False), ("3.0.0", True)):
+            offer = _offer(onnx, _manifest_json(forest, version), version, chunk_size=1024)
+            msg = MQTTMessage(topic=wire_models.offer_topic(PROFILE, version).encode())
+            msg.payload, msg.retain = wire.encode(offer), retain
+            event, decoded = u.classify(msg)
+            assert event == ("retained-offer" if retain else "offer") and decoded.version == version
+            _desired(agent, u.revision + 1, champion=version)
+            u.handle(event, decoded)
+            u.tick(time.monotonic())  # within rerequest_after_s of the offer: no re-request yet
+            assert (u.wanted[version].requests, u.chunk_requests) == ((1, 1) if retain else (0, 0)), version
+    finally:
+        agent.close(0)
