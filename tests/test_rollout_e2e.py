@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.waiting import wait_until
+from tests.waiting import poll, wait_until
 
 pytestmark = pytest.mark.mosquitto
 
@@ -98,9 +98,10 @@ class Rig:
         thread.start()
         return agent
 
-    def wait_state(self, state: str, timeout: float = 120.0) -> dict:
-        wait_until(lambda: (self.rollouts.status(self.profile) or {}).get("state") == state, timeout,
-                   f"rollout to reach {state} (now {self.rollouts.status(self.profile)})")
+    def wait_state(self, state: str, timeout: float = 120.0, interval: float = 0.05) -> dict:
+        if not poll(lambda: (self.rollouts.status(self.profile) or {}).get("state") == state, timeout, interval):
+            raise AssertionError(f"timed out after {timeout} s waiting for the rollout to reach {state}; "
+                                 f"it is {self.rollouts.status(self.profile)}")
         return self.rollouts.status(self.profile)
 
     def close(self) -> None:
@@ -155,3 +156,44 @@ def test_trained_challenger_goes_through_shadow_gate_and_waves_and_a_worse_one_i
 
 def agents_by(agents, device):
     return next(a for a in agents if a.device == device)
+
+
+def test_a_champion_whose_health_drops_after_promotion_is_rolled_back_by_a_signed_rollback(rig):
+    """The challenger passes the gate and the waves; then, watched after promotion, its verdicts go
+    bad (here a retained remote config lowers the devices' anomaly threshold, as a model meeting data
+    it was not trained for would flag everything). Within ``watch_windows`` windows the watch sees the
+    anomaly rate jump over the old champion's baseline and rolls back: a signed rollback entry of the
+    previous model becomes the champion, every device serves it and reports the new one rolled_back."""
+    from edgeloop import wire
+
+    rig.rollouts.policy = msgspec.structs.replace(rig.rollouts.policy, watch_windows=150)
+    agents = [rig.start_agent(k) for k in range(3)]
+    devices = sorted(a.device for a in agents)
+    wait_until(lambda: {r.device for r in rig.agg.registry.devices() if r.profile == rig.profile
+                        and r.state == "online"} == set(devices), 30, "three agents online")
+
+    rig.agg.models.add(*rig.signed("1.1.0", parent_version="1.0.0"))
+    rig.rollouts.start(rig.profile, "1.1.0", canary=1)
+    rig.wait_state("watching", timeout=120, interval=0.01)
+    link = rig.agg.ingest.link
+    for d in devices:
+        config = wire.DesiredConfig(v=1, device=d, revision=1, ts=1.0, settings={"threshold": -1e5})
+        assert link.publish(wire.config_topic(d), wire.encode(config), qos=1, retain=True)
+    try:
+        status = rig.wait_state("rolled_back", timeout=120)
+    finally:
+        for d in devices:  # leave no retained config behind on the session broker
+            link.publish(wire.config_topic(d), b"", qos=1, retain=True)
+    assert status["gate"]["passed"], status
+    watch = status["watch_verdict"]
+    assert not watch["passed"] and watch["stats"]["watch"]["windows"] == 150, watch
+    assert any("anomaly rate" in r for r in watch["reasons"]), watch["reasons"]
+
+    champion = rig.agg.models.champion(rig.profile)
+    entry = rig.agg.models.get(rig.profile, champion)
+    assert champion != "1.0.0" and champion.startswith("1.0.0") and entry.manifest.rollback_of == "1.1.0"
+    assert entry.onnx_bytes() == rig.agg.models.get(rig.profile, "1.0.0").onnx_bytes()
+    wait_until(lambda: all(a.model.version == champion for a in agents), 90,
+               f"every agent to serve the rollback {champion}")
+    wait_until(lambda: all(getattr(rig.agg.registry.get(d).deployments.get("1.1.0"), "state", None) == "rolled_back"
+                           for d in devices), 60, "every device to report 1.1.0 rolled back")
