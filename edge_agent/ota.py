@@ -31,14 +31,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
 from edge_agent.inference import Model, ModelError, SessionCache, sha256_file
-from edge_agent.ota_download import SAFE_VERSION as _VERSION, Downloads, PartialDownload, fsync_path
+from edge_agent.ota_download import (HAVE_FILE, OFFER_FILE, SAFE_VERSION as _VERSION, Downloads, PartialDownload,
+                                     fsync_path)
 from edgeloop import wire_models
 from edgeloop.files import write_atomic
 from models.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError
@@ -90,10 +90,9 @@ class ModelReceiver:
         self.max_model_bytes = int(max_model_bytes)
         self.session_cache = session_cache
         self.allow_unsigned = bool(allow_unsigned)
-        self.durable = bool(durable)
         self.rejected_chunks = 0  # chunks that failed their length or sha256 check on arrival
         self._lock = threading.RLock()
-        self._downloads = Downloads(self.state_dir / "downloads", write=self._write, durable=self.durable)
+        self._downloads = Downloads(self.state_dir / "downloads", write=self._write, durable=bool(durable))
         self._models = self.state_dir / "models"
         self._keys = self.state_dir / "keys"
         for d in (self._models, self._keys):
@@ -105,6 +104,17 @@ class ModelReceiver:
         for tmp in self._models.glob(".*"):  # an install interrupted before its final rename
             shutil.rmtree(tmp, ignore_errors=True)
         self._downloads.resume(done=lambda version: self._installed_sha256(version) is not None)
+
+    @property
+    def durable(self) -> bool:
+        """Whether files are synced to the disk (downloads' part files and bitmaps, installs, keys)."""
+        return self._downloads.durable
+
+    @durable.setter
+    def durable(self, value: bool) -> None:
+        # One switch for the receiver and its downloads: a fleet that turns syncing off after
+        # construction must not keep fsyncing every part file at each progress save.
+        self._downloads.durable = bool(value)
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -196,6 +206,17 @@ class ModelReceiver:
                 self._downloads.save(dl)
             return True
 
+    def store_if_known(self, version: str, index: int, data: bytes) -> bool | None:
+        """:meth:`on_chunk` for a caller that may run before the offer was taken, such as the
+        MQTT network thread: None (nothing done) while no download of ``version`` is known, so
+        that the caller hands the chunk on to whoever takes the offer; else what :meth:`on_chunk`
+        returns. Storing a chunk where it arrives frees its bytes at once (no queue of chunks
+        waiting for a busy loop) and lets the hashing run beside that loop."""
+        with self._lock:
+            if self._downloads.get(version) is None:
+                return None
+            return self.on_chunk(version, index, data)
+
     def progress(self, version: str) -> tuple[int, int]:
         """``(chunks_have, chunks_total)``; ``(0, 0)`` for a version not being downloaded."""
         with self._lock:
@@ -226,7 +247,8 @@ class ModelReceiver:
             return dl.offer if dl else None
 
     def flush(self) -> None:
-        """Persist the progress of every download now (e.g. before a clean stop)."""
+        """Persist the progress of every download now (e.g. before a clean stop) and close the
+        part files held open between chunks (the next chunk opens its file again)."""
         with self._lock:
             self._downloads.flush()
 
@@ -267,11 +289,10 @@ class ModelReceiver:
                         raise
                     raise ModelRefused("chunk-mismatch", f"model {version}: every chunk matched the offer's list, "
                                        f"but together they do not hash to its sha256 ({exc})") from exc
-                self._place(dl, model.manifest)
+                self._place(dl, model.manifest)  # moves the download's directory: nothing left to drop
             except ModelRefused:
                 self.drop(version)
                 raise
-            self.drop(version)
             return model
 
     def installed(self) -> list[str]:
@@ -395,21 +416,45 @@ class ModelReceiver:
     # -- files ------------------------------------------------------------------------------------
 
     def _place(self, dl: PartialDownload, manifest: Manifest) -> None:
-        """Move the verified part file into ``models/<version>/`` (a rename, not a copy)."""
-        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.", dir=self._models))
+        """Turn the download's directory into ``models/<version>/``: the verified part file
+        becomes ``model.onnx`` beside the manifest and the install record, then one directory
+        rename publishes the three (no copy, no temporary directory: until that rename the
+        download directory is the staging area, which :meth:`installed` never looks at).
+
+        A crash half-way leaves a download directory without its offer, which the next start
+        deletes (the model is then fetched again); anything failing here drops the download.
+        """
+        staging = dl.dir
         try:
+            dl.close()
+            for name in (OFFER_FILE, HAVE_FILE):  # download bookkeeping, not part of an install
+                (staging / name).unlink(missing_ok=True)
+            self._write_new(staging / MANIFEST_FILE, dl.offer.manifest.encode())
+            info = {"sha256": dl.offer.sha256, "signed_by": self._key_fp, "installed_at": time.time()}
+            self._write_new(staging / INSTALL_FILE, json.dumps(info).encode())
             if self.durable:
                 fsync_path(dl.part)
-            os.rename(dl.part, tmp / MODEL_FILE)
-            self._write(tmp / MANIFEST_FILE, dl.offer.manifest.encode())
-            info = {"sha256": dl.offer.sha256, "signed_by": self._key_fp, "installed_at": time.time()}
-            self._write(tmp / INSTALL_FILE, json.dumps(info).encode())
+            os.rename(dl.part, staging / MODEL_FILE)
             final = self._models / manifest.version
             if final.exists():  # a re-install of the same version replaces it whole
                 shutil.rmtree(final)
-            os.rename(tmp, final)
+            os.rename(staging, final)
+        except BaseException:
+            self._downloads.drop(dl.offer.version)
+            raise
+        self._downloads.forget(dl.offer.version)
+
+    def _write_new(self, path: Path, data: bytes) -> None:
+        """Write a file in a directory nobody reads yet (the staging one): no temp file needed."""
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.durable:
+                os.fsync(fd)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.close(fd)
 
     def _install_key(self, directory: Path) -> bytes | None:
         fp = self._read_json(directory / INSTALL_FILE).get("signed_by")

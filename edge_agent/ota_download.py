@@ -13,8 +13,15 @@ Layout under ``downloads/`` (one directory per version)::
 
 Crash safety: ``have.bin`` is written (atomically) only after the part file is synced, so the
 bitmap never claims bytes that are not on disk; a crash loses at most the chunks stored since
-the last :meth:`Downloads.save`, which are then requested again. Memory stays bounded whatever
-the model size: a chunk goes straight to its offset with ``pwrite``.
+the last :meth:`Downloads.save`, which are then requested again. ``offer.json`` too is written at
+the first save, not at the start: before it a crash could resume no chunk anyway, and a download
+that completes before its first save (a small model, a fast link: the usual case) never writes
+either file. A directory without them is deleted at resume. Memory stays bounded whatever the
+model size: a chunk goes straight to its offset with ``pwrite`` on a descriptor kept open while
+chunks come (closed when the download completes or is dropped).
+
+Files per download are few on purpose: a fleet simulated in one process pushes a model to a
+thousand devices at once, and each file created, renamed or deleted costs a journal entry.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class PartialDownload:
         self.unsaved = 0  # chunks stored since the bitmap was last written
         self.saved_at = time.monotonic()
         self.verified_fp: str | None = ""  # fingerprint of the key that verified the offer ("": none yet)
+        self.offer_saved = False  # offer.json on disk (written at the first save)
+        self._fd: int | None = None  # the part file, open while chunks come
 
     @property
     def part(self) -> Path:
@@ -71,15 +80,27 @@ class PartialDownload:
             offer.sha256, offer.size, offer.chunk_size, offer.chunk_sha256, offer.manifest)
 
     def store(self, i: int, data: bytes) -> None:
-        """Write chunk ``i`` at its offset and mark it (the caller checked its length and hash)."""
-        fd = os.open(self.part, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, i * self.offer.chunk_size)
-        finally:
-            os.close(fd)
+        """Write chunk ``i`` at its offset and mark it (the caller checked its length and hash).
+        The part file stays open between chunks and is closed with the last one."""
+        if self._fd is None:
+            self._fd = os.open(self.part, os.O_WRONLY)
+        view, offset = memoryview(data), i * self.offer.chunk_size
+        while view:  # pwrite may write less than asked (a signal, a full disk's last blocks)
+            n = os.pwrite(self._fd, view, offset)
+            if n <= 0:
+                raise OSError(f"{self.part}: nothing written at offset {offset} (disk full?)")
+            view, offset = view[n:], offset + n
         self.have[i >> 3] |= 1 << (i & 7)
         self.count += 1
         self.unsaved += 1
+        if self.count == self.offer.chunks:
+            self.close()
+
+    def close(self) -> None:
+        """Close the part file if it is open (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def missing(self, max_ranges: int | None = None) -> list[tuple[int, int]]:
         """Inclusive chunk ranges still missing, in order (at most ``max_ranges``)."""
@@ -136,37 +157,50 @@ class Downloads:
         self.drop(offer.version)
         directory = self.root / offer.version
         directory.mkdir(parents=True)
+        fd = None
         try:
             fd = os.open(directory / PART_FILE, os.O_CREAT | os.O_WRONLY, 0o600)
-            try:
-                _reserve(fd, offer.size)
-            finally:
-                os.close(fd)
-            self._write(directory / OFFER_FILE, msgspec.json.encode(offer))
+            _reserve(fd, offer.size)
         except OSError:
+            if fd is not None:
+                os.close(fd)
             shutil.rmtree(directory, ignore_errors=True)
             raise
         dl = self._by_version[offer.version] = PartialDownload(offer, directory)
+        dl._fd = fd  # kept open for the chunks to come
         return dl
 
     def save(self, dl: PartialDownload) -> None:
         """Record which chunks are stored (after syncing the part file, see the module docstring)."""
         if self.durable:
             fsync_path(dl.part)
+        if not dl.offer_saved:
+            self._write(dl.dir / OFFER_FILE, msgspec.json.encode(dl.offer))
+            dl.offer_saved = True
         self._write(dl.dir / HAVE_FILE, dl.offer.sha256.encode() + bytes(dl.have))
         dl.unsaved, dl.saved_at = 0, time.monotonic()
 
     def flush(self) -> None:
-        """Save every download with chunks not yet recorded."""
+        """Save every download with chunks not yet recorded, and close the part files (a later
+        chunk opens its file again)."""
         for dl in self._by_version.values():
             if dl.unsaved:
                 self.save(dl)
+            dl.close()
 
     def drop(self, version: str) -> None:
         """Forget a download and delete its files (no error if there is none)."""
-        self._by_version.pop(version, None)
+        dl = self._by_version.pop(version, None)
+        if dl is not None:
+            dl.close()
         if SAFE_VERSION.match(version):
             shutil.rmtree(self.root / version, ignore_errors=True)
+
+    def forget(self, version: str) -> None:
+        """Forget a download whose directory was moved away (installed); no file is touched."""
+        dl = self._by_version.pop(version, None)
+        if dl is not None:
+            dl.close()
 
     def resume(self, done: Callable[[str], bool]) -> None:
         """Pick up the downloads left on disk by an earlier run. A directory that is unreadable,
@@ -183,7 +217,8 @@ class Downloads:
                     have = bytearray(raw[64:])
                 if not (directory / PART_FILE).is_file():
                     raise ValueError("no part file")
-                self._by_version[offer.version] = PartialDownload(offer, directory, have)
+                dl = self._by_version[offer.version] = PartialDownload(offer, directory, have)
+                dl.offer_saved = True
             except (OSError, ValueError, msgspec.MsgspecError):
                 shutil.rmtree(directory, ignore_errors=True)
 

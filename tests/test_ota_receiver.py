@@ -410,3 +410,56 @@ def test_session_cache_shares_one_session_for_equal_bytes(base, keys, data, make
     del m1, m2, m3
     gc.collect()
     assert len(cache) == 0  # freed when no model serves it
+
+
+def test_durable_switch_reaches_the_downloads_and_files_stay_few(base, keys, make_receiver, tmp_path, monkeypatch):
+    """A fleet switches syncing off after building the receiver: no part file is synced then. A
+    download completing before its first progress save writes no bookkeeping file, and the
+    install moves the download's directory whole (nothing left under downloads/)."""
+    import edge_agent.ota_download as ota_download
+
+    synced = []
+    monkeypatch.setattr(ota_download.os, "fsync", lambda fd: synced.append(fd))
+    onnx, manifest = signed(base, keys)
+    offer = make_offer(onnx, manifest)
+    rx = make_receiver()
+    rx.durable = False
+    rx.save_every = (1, 3600.0)  # record progress after every chunk
+    synced.clear()  # (building the receiver synced its key files: it was durable then)
+    rx.on_offer(offer)
+    d = tmp_path / "state/downloads/1.0.0"
+    assert sorted(p.name for p in d.iterdir()) == ["model.part"]  # offer.json waits for the first save
+    assert rx.on_chunk("1.0.0", 0, chunks(onnx)[0])
+    assert sorted(p.name for p in d.iterdir()) == ["have.bin", "model.part", "offer.json"] and synced == []
+
+    rx2 = make_receiver("state2")
+    rx2.durable = False
+    synced.clear()
+    rx2.on_offer(offer)
+    assert all(feed(rx2, offer, onnx))
+    assert sorted(p.name for p in (tmp_path / "state2/downloads/1.0.0").iterdir()) == ["model.part"]
+    assert rx2.install("1.0.0", current=None).version == "1.0.0" and synced == []
+    assert list((tmp_path / "state2/downloads").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "state2/models/1.0.0").iterdir()) == [
+        "install.json", "manifest.json", "model.onnx"]
+    # a download lost before its first save (offer.json not written yet) is dropped at restart
+    rx3 = make_receiver("state3")
+    rx3.on_offer(offer)
+    assert rx3.on_chunk("1.0.0", 0, chunks(onnx)[0])
+    del rx3
+    assert make_receiver("state3").pending() == []
+
+
+def test_store_if_known_waits_for_the_offer(base, keys, make_receiver):
+    """The network thread may store a chunk only once the loop took the offer; before, None says
+    "hand it on" and nothing is stored or counted."""
+    onnx, manifest = signed(base, keys)
+    offer = make_offer(onnx, manifest)
+    parts = chunks(onnx)
+    rx = make_receiver()
+    assert rx.store_if_known("1.0.0", 0, parts[0]) is None and rx.progress("1.0.0") == (0, 0)
+    rx.on_offer(offer)
+    assert rx.store_if_known("1.0.0", 0, parts[0]) is True
+    assert rx.store_if_known("1.0.0", 0, parts[0]) is False  # a duplicate
+    assert rx.store_if_known("1.0.0", 1, parts[0]) is False and rx.rejected_chunks == 1  # wrong bytes
+    assert rx.progress("1.0.0") == (1, offer.chunks)
