@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench import scaling
 
         results["scaling"] = scaling.run(broker, influx, lambda r, m: spec(broker.url, r, m))
+        # Before the push: its per-device sessions leave gigabytes mapped in this process.
+        step("1,000 simulated devices in one process; ingest against 10 / 100 / 1,000 devices")
+        from bench import fleet as fleet_bench
+
+        results["fleet_outbox"] = fleet_bench.outbox_cost()
+        results["fleet"] = fleet_bench.run_fleet(broker.url, 1000, 20.0 if args.quick else 60.0)
+        results["fleet_scaling"] = fleet_bench.scaling(broker.url, seconds=10.0 if args.quick else 20.0)
         step("model push to 1,000 simulated devices: shared session, then one per device")
         from bench import ota_push
 
@@ -77,12 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         from bench import agent as agent_bench
 
         results["agent"] = agent_bench.run(broker.url, seconds=20 if args.quick else 60)
-        step("1,000 simulated devices in one process; ingest against 10 / 100 / 1,000 devices")
-        from bench import fleet as fleet_bench
-
-        results["fleet_outbox"] = fleet_bench.outbox_cost()
-        results["fleet"] = fleet_bench.run_fleet(broker.url, 1000, 20.0 if args.quick else 60.0)
-        results["fleet_scaling"] = fleet_bench.scaling(broker.url, seconds=10.0 if args.quick else 20.0)
     step("isolation-forest inference: fused vs stock vs sklearn, agent memory")
     from bench import inference
 

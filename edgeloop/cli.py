@@ -296,8 +296,8 @@ def _sparkline(values: list[float], width: int) -> str:
 @main.command()
 @click.option("--devices", default=18, show_default=True, type=click.IntRange(3, 1000),
               help="Simulated devices: half machines (they drift), the rest cold-chain and wearables.")
-@click.option("--speed", default=30.0, show_default=True, type=click.FloatRange(1, 1000),
-              help="Time acceleration: device seconds per real second (an hour of device time).")
+@click.option("--speed", default=60.0, show_default=True, type=click.FloatRange(1, 1000),
+              help="Time acceleration: device seconds per real second (the demo covers 8,400 device seconds).")
 @click.option("--quick", is_flag=True, help="A short run for tests: at most 6 devices at 60x or more.")
 @click.option("--seed", default=1, show_default=True, type=int, help="Simulation seed.")
 @click.option("--mqtt", "mqtt_url", metavar="URL", help="Use this broker instead of the embedded one.")
