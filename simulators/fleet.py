@@ -319,15 +319,15 @@ class FleetRunner:
         began = time.monotonic()
         for agent in self.agents:
             agent.finish_sampling()
-        pending = list(self.agents)
         deadline = began + self.drain_timeout
-        while pending and time.monotonic() < deadline:
-            pending = [a for a in pending if not a.deliver()]
-            if pending:
-                time.sleep(0.02)
+        # Service EVERY agent on each pass until all outboxes are empty at once: an agent whose
+        # outbox emptied can still take a message (the cloud may change its models meanwhile, and
+        # it reports that through the outbox), so none is set aside once it looked done.
+        while time.monotonic() < deadline and not all([a.deliver() for a in self.agents]):
+            time.sleep(0.02)
         self.stats.drain_s = time.monotonic() - began
         for agent in self.agents:
-            try:
-                self.results[agent.device] = agent.close(0.0)
+            try:  # waits only if a last message came in after the final pass
+                self.results[agent.device] = agent.close(max(0.0, min(5.0, deadline - time.monotonic())))
             except Exception as exc:
                 self.results[agent.device] = exc
