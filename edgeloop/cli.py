@@ -129,7 +129,7 @@ def fleet(api_url, timeout) -> None:
 
     if "://" not in api_url:
         api_url = f"http://{api_url}"
-    data = _get_json(api_url.rstrip("/") + "/api/fleet", timeout)
+    data = api_json(api_url.rstrip("/") + "/api/fleet", timeout=timeout)
     devices = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(devices, list):
         raise click.ClickException(f"{api_url} did not answer /api/fleet with a device list; is it an edgeloop aggregator?")
@@ -143,21 +143,32 @@ def fleet(api_url, timeout) -> None:
     console.print(table)
 
 
-def _get_json(url: str, timeout: float):
-    """GET ``url`` with the stdlib (the CLI stays light); any failure is a ClickException naming it."""
+def api_json(url: str, *, method: str = "GET", body: dict | None = None, token: str | None = None,
+             timeout: float = 10.0):
+    """One JSON call to the aggregator API with the stdlib (the CLI stays light); any failure is a
+    ClickException naming the URL and the server's reason."""
     import json
     import urllib.error
     import urllib.request
 
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    what = url if method == "GET" else f"{method} {url}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:
             reason = json.loads(exc.read()).get("error") or exc.reason
         except Exception:
             reason = exc.reason
-        raise click.ClickException(f"{url} answered {exc.code}: {reason}") from None
+        raise click.ClickException(f"{what} answered {exc.code}: {reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         why = getattr(exc, "reason", exc)
         raise click.ClickException(f"cannot reach the aggregator API at {url}: {why}") from None
@@ -250,7 +261,7 @@ def metrics(device, field, measurement, since, until, agg, rows, api_url, timeou
         api_url = f"http://{api_url}"
     query = urlencode({"device": device, "field": field, "measurement": measurement, "since": since,
                        "until": until, "agg": agg})
-    data = _get_json(f"{api_url.rstrip('/')}/api/series?{query}", timeout)
+    data = api_json(f"{api_url.rstrip('/')}/api/series?{query}", timeout=timeout)
     points = data.get("points") if isinstance(data, dict) else None
     if not isinstance(points, list):
         raise click.ClickException(f"{api_url} did not answer /api/series with points; is it an edgeloop aggregator?")

@@ -177,35 +177,12 @@ def _token(token_file) -> str:
 
 def _api(api_url: str, method: str, path: str, *, body: dict | None = None, token: str | None = None,
          timeout: float = 10.0):
-    """One JSON call to the aggregator API with the stdlib; failures are ClickExceptions naming the URL."""
-    import json
-    import urllib.error
-    import urllib.request
+    """One JSON call to the aggregator API (see edgeloop.cli.api_json); ``api_url`` may omit the scheme."""
+    from edgeloop.cli import api_json
 
     if "://" not in api_url:
         api_url = f"http://{api_url}"
-    url = api_url.rstrip("/") + path
-    headers = {"Accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            reason = json.loads(exc.read()).get("error") or exc.reason
-        except Exception:
-            reason = exc.reason
-        raise click.ClickException(f"{method} {url} answered {exc.code}: {reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise click.ClickException(f"cannot reach the aggregator API at {url}: {getattr(exc, 'reason', exc)}") from None
-    except ValueError as exc:
-        raise click.ClickException(f"{url} did not answer JSON: {exc}") from None
+    return api_json(api_url.rstrip("/") + path, method=method, body=body, token=token, timeout=timeout)
 
 
 def _rollout_line(r: dict) -> str:
