@@ -181,12 +181,8 @@ def _run_fleet(scenario, run_dir, url, protocol, caps, model_dirs, speed, events
     """Run every device on the one-process fleet runner; returns device -> its simulated source."""
     import msgspec
 
-    from edge_agent.config import AgentConfig, SamplingSettings, SourceSettings
-    from edge_agent.config import MqttSettings as AgentMqtt
-    from simulators import profiles
-    from edge_agent.sources import create_source
     from edgeloop import wire
-    from simulators.fleet import FleetRunner
+    from simulators.fleet import FleetRunner, scenario_agents
 
     lock = threading.Lock()
     encoder = msgspec.json.Encoder()
@@ -196,19 +192,8 @@ def _run_fleet(scenario, run_dir, url, protocol, caps, model_dirs, speed, events
             with lock:
                 events.append(encoder.encode(message))
 
-    mqtt = AgentMqtt(url=url, protocol=protocol) if caps is None else AgentMqtt(
-        url=url, protocol=protocol, max_payload=caps.max_payload, max_inflight=min(200, caps.receive_maximum))
-    configs, sources = [], {}
-    for spec in scenario.devices:
-        options = spec.source_options(scenario.rate_hz)
-        sources[spec.id] = create_source("simulated", options)
-        configs.append(AgentConfig(
-            device_id=spec.id, profile=spec.profile, data_dir=str(run_dir / "devices"), mqtt=mqtt,
-            model_dir=str(model_dirs[spec.profile]),
-            sampling=SamplingSettings(rate_hz=scenario.rate_hz, batch_s=1.0, window_s=scenario.window_s, speed=speed),
-            source=SourceSettings(name="simulated", options=options),
-            quality=profiles.get(spec.profile).quality_settings(),
-        ))
+    configs, sources = scenario_agents(scenario, url=url, protocol=protocol, caps=caps, data_dir=run_dir / "devices",
+                                       model_dirs=model_dirs, speed=speed)
     runner = FleetRunner(configs, [sources[c.device_id] for c in configs], speed=speed, on_accept=record,
                          drain_timeout=drain_timeout_s)
     # Network cuts and clock steps are in device seconds since the start; the runner plans in real ones.

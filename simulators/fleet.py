@@ -63,7 +63,7 @@ import msgspec
 from edge_agent.config import AgentConfig
 from edgeloop.netloop import NetworkLoop
 
-__all__ = ["FleetRunner", "FleetStats"]
+__all__ = ["FleetRunner", "FleetStats", "scenario_agents"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,33 @@ class FleetStats:
     max_lateness_s: float = 0.0
     open_s: float = 0.0  # time to open and connect the whole fleet
     drain_s: float = 0.0  # time from stop to every outbox confirmed (or the drain time-out)
+
+
+def scenario_agents(scenario, *, url: str, protocol: str, caps, data_dir, model_dirs: dict, speed: float,
+                    public_key_file=None) -> tuple[list, dict]:
+    """Agent configs and simulated sources for every device of ``scenario`` (``simulators.scenario``):
+    ``(configs, {device: source})``. ``caps`` (the embedded broker's limits, or None) bounds the
+    payload and in-flight window; each profile's model starts from ``model_dirs[profile]`` and gets
+    the profile's data-quality settings; ``public_key_file`` turns on signed model updates."""
+    from edge_agent.config import AgentConfig, ModelSettings, MqttSettings, SamplingSettings, SourceSettings
+    from edge_agent.sources import create_source
+    from simulators import profiles
+
+    mqtt = MqttSettings(url=url, protocol=protocol) if caps is None else MqttSettings(
+        url=url, protocol=protocol, max_payload=caps.max_payload, max_inflight=min(200, caps.receive_maximum))
+    extra = {} if public_key_file is None else {
+        "models": ModelSettings(public_key_file=str(public_key_file), rerequest_after_s=1.0)}
+    configs, sources = [], {}
+    for spec in scenario.devices:
+        options = spec.source_options(scenario.rate_hz)
+        sources[spec.id] = create_source("simulated", options)
+        configs.append(AgentConfig(
+            device_id=spec.id, profile=spec.profile, data_dir=str(data_dir), mqtt=mqtt,
+            model_dir=str(model_dirs[spec.profile]),
+            sampling=SamplingSettings(rate_hz=scenario.rate_hz, batch_s=1.0, window_s=scenario.window_s, speed=speed),
+            source=SourceSettings(name="simulated", options=options),
+            quality=profiles.get(spec.profile).quality_settings(), **extra))
+    return configs, sources
 
 
 class FleetRunner:

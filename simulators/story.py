@@ -130,21 +130,6 @@ def story_policy(window_s: float, speed: float):
                          canary_timeout_s=max(30.0, 40 * window_s / speed), watch_timeout_s=60.0, tick_s=0.25)
 
 
-#: Channels that report a state (0/1), per profile: they hold their value for minutes and jump
-#: by their whole range, so the stuck and spike checks would flag every window (measured: all of
-#: a refrigerator's windows were flagged ``stuck`` for ``door_open``, and training found none left).
-STATE_CHANNELS = {"cold-chain": ("door_open",)}
-
-
-def quality_settings(profile: str):
-    """The agent's data-quality settings for ``profile``: the defaults, with the stuck check off
-    and the spike scale at the full 0/1 step for its state channels."""
-    from edge_agent.quality import QualitySettings
-
-    states = STATE_CHANNELS.get(profile, ())
-    return QualitySettings(stuck_n_by_channel={c: 0 for c in states}, spike_min_scale={c: 1.0 for c in states})
-
-
 def run_story(options: StoryOptions) -> StoryResult:
     """Run the story; see the module docstring. Narration goes to ``options.say``."""
     return _Story(options).run()
@@ -319,25 +304,12 @@ class _Story:
         return dirs
 
     def build_fleet(self, run_dir, url, protocol, caps, factory, agg):
-        from edge_agent.config import AgentConfig, ModelSettings, SamplingSettings, SourceSettings
-        from edge_agent.config import MqttSettings as AgentMqtt
-        from edge_agent.sources import create_source
-        from simulators.fleet import FleetRunner
+        from simulators.fleet import FleetRunner, scenario_agents
 
         sc, o = self.sc, self.o
         public = agg.config.signing_key_path().with_suffix(".pub")
-        mqtt = AgentMqtt(url=url, protocol=protocol) if caps is None else AgentMqtt(
-            url=url, protocol=protocol, max_payload=caps.max_payload, max_inflight=min(200, caps.receive_maximum))
-        configs, sources = [], {}
-        for spec in sc.devices:
-            opts = spec.source_options(sc.rate_hz)
-            sources[spec.id] = create_source("simulated", opts)
-            configs.append(AgentConfig(
-                device_id=spec.id, profile=spec.profile, data_dir=str(run_dir / "devices"), mqtt=mqtt,
-                model_dir=str(factory[spec.profile]),
-                models=ModelSettings(public_key_file=str(public), rerequest_after_s=1.0),
-                sampling=SamplingSettings(rate_hz=sc.rate_hz, batch_s=1.0, window_s=sc.window_s, speed=o.speed),
-                source=SourceSettings(name="simulated", options=opts), quality=quality_settings(spec.profile)))
+        configs, sources = scenario_agents(sc, url=url, protocol=protocol, caps=caps, data_dir=run_dir / "devices",
+                                           model_dirs=factory, speed=o.speed, public_key_file=public)
         runner = FleetRunner(configs, [sources[c.device_id] for c in configs], speed=o.speed, on_accept=self.record,
                              drain_timeout=o.drain_timeout_s)
         return runner, sources
