@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proc import cpu_s
+
 __all__ = ["run", "table", "import_stages", "CPU_TARGET_PCT", "MEMORY_TARGET_MB"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,9 +78,6 @@ print(json.dumps({"stages": stages, "heavy_modules": heavy}))
 """
 
 
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _proc_mem(pid: int) -> dict[str, float]:
@@ -265,7 +264,7 @@ def run(broker_url: str | None = None, seconds: float = 60.0, *, warmup_s: float
                 raise RuntimeError(f"bench.agent: the agent refused the shadow: {agg.registry.get(device).deployments}")
             time.sleep(warmup_s)
             pids = {k: p.pid for k, p in procs.items()}
-            cpu0 = {k: _proc_cpu_s(pid) for k, pid in pids.items()}
+            cpu0 = {k: cpu_s(pid) for k, pid in pids.items()}
             samples: dict[str, list[dict]] = {k: [] for k in pids}
             t0 = time.monotonic()
             while time.monotonic() - t0 < seconds:
@@ -274,7 +273,7 @@ def run(broker_url: str | None = None, seconds: float = 60.0, *, warmup_s: float
                 time.sleep(1.0)
             wall = time.monotonic() - t0
             mappings = {k: _mappings(pids[k]) for k in ("models", "no-model")}
-            cpu = {k: (_proc_cpu_s(pid) - cpu0[k]) / wall * 100 for k, pid in pids.items()}
+            cpu = {k: (cpu_s(pid) - cpu0[k]) / wall * 100 for k, pid in pids.items()}
             for p in procs.values():
                 if p.poll() is not None:
                     raise RuntimeError(f"bench.agent: a process exited ({p.returncode}) during the measurement")

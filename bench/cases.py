@@ -19,20 +19,12 @@ from urllib.parse import urlencode
 import urllib3
 
 from bench.load import CHANNELS, LoadSpec, run_publishers
+from bench.proc import cpu_s
 
 __all__ = ["influx_write_rate", "publishers_alone", "aggregator_end_to_end", "naive_end_to_end"]
 
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) a process has used so far; 0 if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError, TypeError):
-        return 0.0
 
 
 class _Cpu:
@@ -43,12 +35,12 @@ class _Cpu:
         self.used: dict[str, float] = {}
 
     def __enter__(self):
-        self._t0 = {k: _proc_cpu(p) for k, p in self._pids.items()}
+        self._t0 = {k: cpu_s(p) for k, p in self._pids.items()}
         self._self0 = time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.used = {k: _proc_cpu(p) - self._t0[k] for k, p in self._pids.items()}
+        self.used = {k: cpu_s(p) - self._t0[k] for k, p in self._pids.items()}
         self.used["aggregator"] = time.process_time() - self._self0
 
 
@@ -92,14 +84,14 @@ def influx_write_rate(influx, duration_s: float, clients: tuple[int, ...] = (1, 
                 with lock:
                     written[0] += batch_lines
 
-        cpu0, began = _proc_cpu(influx.pid), time.perf_counter()
+        cpu0, began = cpu_s(influx.pid), time.perf_counter()
         threads = [threading.Thread(target=post) for _ in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - began
-        cpu = _proc_cpu(influx.pid) - cpu0
+        cpu = cpu_s(influx.pid) - cpu0
         if errors:
             raise RuntimeError(f"InfluxDB refused a benchmark write: {errors[0]}")
         stored = _count(influx, db)
@@ -146,6 +138,16 @@ def _make_ingest(broker, influx, db: str, tmp: Path, tag: str, **ingest_kw):
     return store, ingest
 
 
+def stored_per_device(influx, db: str, load, spec: LoadSpec) -> tuple[int, dict[str, int]]:
+    """Count the points each device has in ``db``, then drop it: ``(stored, {device: missing})``,
+    missing negative for a device with extra points. Zero loss is an empty dict."""
+    per_device = _count(influx, db, group=True)
+    influx.query(None, f'DROP DATABASE "{db}"')
+    expected = {d: n * spec.readings_per_message for d, n in load.per_device.items()}
+    missing = {d: expected[d] - per_device.get(d, 0) for d in expected if per_device.get(d, 0) != expected[d]}
+    return sum(per_device.values()), missing
+
+
 def aggregator_end_to_end(broker, influx, spec: LoadSpec, drain_timeout_s: float = 120.0, **ingest_kw) -> dict:
     """Publishers -> Mosquitto -> Ingest(InfluxStore) -> InfluxDB; zero loss is checked per device."""
     db = influx.new_database("bench_e2e")
@@ -166,13 +168,10 @@ def aggregator_end_to_end(broker, influx, spec: LoadSpec, drain_timeout_s: float
             ingest.stop(forget_session=True)
             store.close()
             ingest.quarantine.close()
-    per_device = _count(influx, db, group=True)
-    influx.query(None, f'DROP DATABASE "{db}"')
-    expected = {d: n * spec.readings_per_message for d, n in load.per_device.items()}
-    missing = {d: expected[d] - per_device.get(d, 0) for d in expected if per_device.get(d, 0) != expected[d]}
+    stored, missing = stored_per_device(influx, db, load, spec)
     elapsed = done - began["t"]
     return {
-        "messages": load.messages, "readings": load.readings, "stored": sum(per_device.values()),
+        "messages": load.messages, "readings": load.readings, "stored": stored,
         "lost_or_extra_devices": missing, "seconds": elapsed,
         "readings_per_s": load.readings / elapsed, "msg_per_s": load.messages / elapsed,
         "publish_s": load.publish_s, "publisher_msg_per_s": load.msg_per_s,

@@ -28,30 +28,15 @@ import threading
 import time
 from pathlib import Path
 
+from bench.proc import rss_mb, thread_cpu_s
+
 __all__ = ["run_fleet", "outbox_cost", "scaling", "table"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
-def _thread_cpu_s(tids: list[int]) -> float:
-    """CPU seconds (user + system) of this process's threads with these native ids."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for tid in tids:
-        try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
 
 
 def _configs(url: str, data_dir: Path, n: int, prefix: str, rate_hz: float, synchronous: str):
@@ -84,7 +69,7 @@ def run_fleet(broker_url: str, devices: int, seconds: float, *, speed: float = 1
             url=broker_url, client_id=f"fleet-bench-{tag}", share_group=f"fleet-bench-{tag}")))
         agg.start()
         try:
-            rss0, threads0 = _rss_mb(), threading.active_count()
+            rss0, threads0 = rss_mb(), threading.active_count()
             runner = FleetRunner(_configs(broker_url, tmp / "dev", devices, tag, rate_hz, synchronous),
                                  speed=speed, outbox_synchronous=synchronous, drain_timeout=drain_timeout)
             runner.start()
@@ -92,15 +77,15 @@ def run_fleet(broker_url: str, devices: int, seconds: float, *, speed: float = 1
             open_s = runner.stats.open_s
             threads = threading.active_count() - threads0
             fleet_threads = [runner._thread.native_id, runner.network_loop._thread.native_id]
-            cpu0, proc0, wall0 = _thread_cpu_s(fleet_threads), time.process_time(), time.monotonic()
+            cpu0, proc0, wall0 = thread_cpu_s(*fleet_threads), time.process_time(), time.monotonic()
             msgs0 = sum(a.stats.messages_accepted for a in runner.agents)
             stored0 = agg.ingest.stats.stored_readings
-            rss_peak = _rss_mb()
+            rss_peak = rss_mb()
             while time.monotonic() - wall0 < seconds:
                 time.sleep(1.0)
-                rss_peak = max(rss_peak, _rss_mb())
+                rss_peak = max(rss_peak, rss_mb())
             wall = time.monotonic() - wall0
-            fleet_cpu = _thread_cpu_s(fleet_threads) - cpu0
+            fleet_cpu = thread_cpu_s(*fleet_threads) - cpu0
             proc_cpu = time.process_time() - proc0
             msgs = sum(a.stats.messages_accepted for a in runner.agents) - msgs0
             stored_readings = agg.ingest.stats.stored_readings - stored0

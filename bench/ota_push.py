@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proc import rss_mb, thread_cpu_s
+
 __all__ = ["run", "push", "table", "TARGET_S"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,21 +52,8 @@ MODEL_VERSION, BASE_VERSION = "2.0.0", "1.0.0"
 _TREES, _PSI = 210, 1024  # a fused forest of ~1.05 MB on the machine profile's 31 features
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
-def _thread_cpu_s(tid: int) -> float:
-    """CPU seconds (user + system) of this process's thread with native id ``tid``."""
-    try:
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def _mem_available_mb() -> float:
@@ -135,14 +124,14 @@ def push(broker_url: str, models: dict, devices: int, *, shared: bool, workdir: 
     agg.start()
     runner = None
     try:
-        rss0 = _rss_mb()
+        rss0 = rss_mb()
         base = Model.load(models["base_dir"])  # the champion every device serves before the push
         cache = SessionCache() if shared else None
         configs = _configs(broker_url, run_dir / "dev", devices, profile, profile, models["public"], rate_hz)
         runner = FleetRunner(configs, model=base, session_cache=cache, durable_models=False, drain_timeout=60.0)
         runner.start()
         runner.wait_connected(timeout=120 + devices * 0.1)
-        rss_fleet = _rss_mb()
+        rss_fleet = rss_mb()
         ids = [a.device for a in runner.agents]
 
         # Every device is told to want the version and subscribes to its topics (not timed).
@@ -155,8 +144,8 @@ def push(broker_url: str, models: dict, devices: int, *, shared: bool, workdir: 
 
         threads = {"scheduler": runner._thread.native_id, "network": runner.network_loop._thread.native_id}
         load = os.getloadavg()[0]
-        tcpu0 = {k: _thread_cpu_s(t) for k, t in threads.items()}
-        cpu0, rss_peak = time.process_time(), _rss_mb()
+        tcpu0 = {k: thread_cpu_s(t) for k, t in threads.items()}
+        cpu0, rss_peak = time.process_time(), rss_mb()
         swapped: dict[str, float] = {}
         acked: dict[str, float] = {}
         t0 = time.monotonic()
@@ -173,10 +162,10 @@ def push(broker_url: str, models: dict, devices: int, *, shared: bool, workdir: 
                     dep = rec.deployments.get(MODEL_VERSION) if rec is not None else None
                     if dep is not None and dep.state == "active":
                         acked[d] = now
-            rss_peak = max(rss_peak, _rss_mb())
+            rss_peak = max(rss_peak, rss_mb())
             time.sleep(0.1)  # the figures' resolution; polling more often would take the fleet's CPU
         cpu = time.process_time() - cpu0
-        tcpu = {k: _thread_cpu_s(t) - tcpu0[k] for k, t in threads.items()}
+        tcpu = {k: thread_cpu_s(t) - tcpu0[k] for k, t in threads.items()}
         all_s = time.monotonic() - t0
         sent, resent = agg.ota.counts(profile, MODEL_VERSION)
         states = {}

@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cases import _Cpu, _count, _proc_cpu
+from bench.cases import _Cpu, stored_per_device
+from bench.proc import cpu_s
 from bench.load import LoadSpec, run_publishers
 
 __all__ = ["members_end_to_end", "run", "table"]
@@ -61,14 +62,14 @@ def members_end_to_end(broker, influx, spec: LoadSpec, members: int, drain_timeo
             for _ in procs:
                 ready.get(timeout=60)
             began = {}
-            cpu0 = {p.pid: _proc_cpu(p.pid) for p in procs}
+            cpu0 = {p.pid: cpu_s(p.pid) for p in procs}
             with _Cpu(broker, influx) as cpu:
                 load = run_publishers(spec, on_go=lambda: began.setdefault("t", time.perf_counter()))
                 deadline = time.perf_counter() + drain_timeout_s
                 while sum(c.value for c in counters) < load.readings and time.perf_counter() < deadline:
                     time.sleep(0.005)
                 done = time.perf_counter()
-            member_cpu = sum(_proc_cpu(p.pid) - cpu0[p.pid] for p in procs)
+            member_cpu = sum(cpu_s(p.pid) - cpu0[p.pid] for p in procs)
             shares = [c.value for c in counters]
         finally:
             stop.set()
@@ -77,14 +78,11 @@ def members_end_to_end(broker, influx, spec: LoadSpec, members: int, drain_timeo
                 if p.is_alive():
                     p.kill()
                     p.join()
-    per_device = _count(influx, db, group=True)
-    influx.query(None, f'DROP DATABASE "{db}"')
-    expected = {d: n * spec.readings_per_message for d, n in load.per_device.items()}
-    missing = {d: expected[d] - per_device.get(d, 0) for d in expected if per_device.get(d, 0) != expected[d]}
+    stored, missing = stored_per_device(influx, db, load, spec)
     elapsed = done - began["t"]
     return {
         "members": members, "messages": load.messages, "readings": load.readings,
-        "stored": sum(per_device.values()), "lost_or_extra_devices": missing, "seconds": elapsed,
+        "stored": stored, "lost_or_extra_devices": missing, "seconds": elapsed,
         "readings_per_s": load.readings / elapsed, "msg_per_s": load.messages / elapsed,
         "shares": shares, "cpu": {**cpu.used, "aggregators": member_cpu, "publishers": load.cpu_s},
     }
