@@ -19,7 +19,6 @@ probabilities the threshold was chosen for).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -38,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from models import features
 from models.evaluation import classification_metrics
 from models.manifest import Manifest
-from models.training import TARGET_OPSET, _check_matrix
+from models.training import TARGET_OPSET, _check_matrix, onnx_manifest
 
 __all__ = [
     "Candidate",
@@ -242,7 +241,6 @@ def train_supervised(
     val_scores = _onnx_scores(onnx_bytes, X[val])
     threshold, _ = best_threshold(val_scores, y[val])
     metrics = {f"val_{k}": v for k, v in classification_metrics(val_scores, threshold, y[val]).items()}
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     t = np.asarray(times, dtype=np.float64)
     params: dict[str, int | float | str | None] = {
         f"model_{k}": v for k, v in result.best.params.items()
@@ -250,18 +248,11 @@ def train_supervised(
     params.update(candidate=result.best.name, seed=seed, budget_s=float(budget_s),
                   val_fraction=float(val_fraction), horizon_s=float(horizon_s),
                   candidates_tried=len(result.tried), stopped_early=int(result.stopped_early))
-    manifest = Manifest(
-        version=version,
-        profile=profile,
-        feature_set=feature_set,
-        feature_names=list(feature_names),
-        input_shape=[-1, X.shape[1]],
-        opset=opset,
+    manifest = onnx_manifest(
+        proto, onnx_bytes, version=version, profile=profile, feature_set=feature_set, feature_names=feature_names,
         threshold=threshold,
-        sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         algorithm=f"supervised_{result.best.family}",
         params=params,
-        created=time.time(),
         parent_version=parent_version,
         metrics={
             **metrics,
@@ -269,7 +260,6 @@ def train_supervised(
             "val_rows": float(val.size),
             "train_positives": float(y[train].sum()),
             "search_seconds": result.seconds,
-            "onnx_bytes": float(len(onnx_bytes)),
         },
         training_window=(float(t.min()), float(t.max())),
     )

@@ -15,7 +15,6 @@ so the features a model is trained on and the features it is served are the same
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import time
 from pathlib import Path
@@ -66,7 +65,6 @@ DEFAULT_MAX_SAMPLES = 1024
 #: and ~35 ms to load at 1024 rows per tree) and "stock" (skl2onnx's converter, a subgraph per
 #: tree, ~0.9 ms per row; kept as the benchmark baseline). Both output the same score.
 CONVERTERS = ("fused", "stock")
-_SIMULATORS = {"machine": "simulators.machine"}
 
 
 def fit_isolation_forest(
@@ -144,16 +142,9 @@ def train_isolation_forest(
 
     proto = to_onnx(model, X.shape[1], converter=converter)
     onnx_bytes = proto.SerializeToString()
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    manifest = Manifest(
-        version=version,
-        profile=profile,
-        feature_set=feature_set,
-        feature_names=list(feature_names),
-        input_shape=[-1, X.shape[1]],
-        opset=opset,
+    manifest = onnx_manifest(
+        proto, onnx_bytes, version=version, profile=profile, feature_set=feature_set, feature_names=feature_names,
         threshold=threshold,
-        sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         params={
             "n_estimators": n_estimators,
             "max_samples": min(int(max_samples), X.shape[0]),
@@ -161,18 +152,30 @@ def train_isolation_forest(
             "threshold_quantile": threshold_quantile,
             "converter": converter,
         },
-        created=time.time(),
         parent_version=parent_version,
         metrics={
             "train_rows": float(X.shape[0]),
             "train_alarm_rate": float(np.mean(scores > threshold)),
             "train_score_p50": float(np.median(scores)),
             "fit_seconds": fit_s,
-            "onnx_bytes": float(len(onnx_bytes)),
         },
         training_window=(float(training_window[0]), float(training_window[1])),
     )
     return onnx_bytes, manifest
+
+
+def onnx_manifest(proto: onnx.ModelProto, onnx_bytes: bytes, *, version: str, profile: str, feature_set: str,
+                  feature_names: Sequence[str], threshold: float, metrics: dict | None = None,
+                  **fields) -> Manifest:
+    """The manifest of an exported model: what every recipe fills in the same way (input shape
+    from the feature names, the default-domain opset read from the graph, sha256, created, the
+    ONNX size among the metrics) plus the recipe's own ``fields`` (params, algorithm, ...)."""
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return Manifest(
+        version=version, profile=profile, feature_set=feature_set, feature_names=list(feature_names),
+        input_shape=[-1, len(feature_names)], opset=opset, threshold=threshold,
+        sha256=hashlib.sha256(onnx_bytes).hexdigest(), created=time.time(),
+        metrics={**(metrics or {}), "onnx_bytes": float(len(onnx_bytes))}, **fields)
 
 
 def write_model(directory: str | os.PathLike, onnx_bytes: bytes, manifest: Manifest) -> Path:
