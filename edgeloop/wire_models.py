@@ -221,19 +221,20 @@ def decode_offer(payload: bytes) -> ModelOffer:
 
 
 def decode_chunk_request(payload: bytes, topic_name: str | None = None) -> ChunkRequest:
-    _check_size(payload)
-    req = _decode_checked(_chunkreq_decoder, payload)
-    if topic_name is not None and topic_name != chunkreq_topic(req.device):
-        raise WireError("device-mismatch", f"chunk request of {req.device!r} on {topic_name[:200]!r}")
-    return req
+    return _decode_device_message(_chunkreq_decoder, payload, topic_name, chunkreq_topic, "chunk request")
 
 
 def decode_desired_models(payload: bytes, topic_name: str | None = None) -> DesiredModels:
+    return _decode_device_message(_desired_decoder, payload, topic_name, desired_models_topic, "desired models")
+
+
+def _decode_device_message(decoder, payload: bytes, topic_name: str | None, topic_of, what: str):
+    """Decode a message naming one device; with ``topic_name``, it must be that device's topic."""
     _check_size(payload)
-    desired = _decode_checked(_desired_decoder, payload)
-    if topic_name is not None and topic_name != desired_models_topic(desired.device):
-        raise WireError("device-mismatch", f"desired models of {desired.device!r} on {topic_name[:200]!r}")
-    return desired
+    message = _decode_checked(decoder, payload)
+    if topic_name is not None and topic_name != topic_of(message.device):
+        raise WireError("device-mismatch", f"{what} of {message.device!r} on {topic_name[:200]!r}")
+    return message
 
 
 def decode_key_rotation(payload: bytes) -> KeyRotation:
