@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -366,6 +367,8 @@ class MqttLink:
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
         client.on_pre_connect = self._handle_pre_connect
+        if type(getattr(client, "_on_message_filtered", None)) is MQTTMatcher:
+            client._on_message_filtered = _EmptyFastMatcher()
         return client
 
     def _handle_pre_connect(self, client, userdata) -> None:
@@ -430,3 +433,21 @@ class MqttLink:
             self._on_message_cb(incoming)
         except Exception:
             log.exception("message handler failed for %s", message.topic)
+
+
+class _EmptyFastMatcher(MQTTMatcher):
+    """paho's matcher of per-topic callbacks, without a reference cycle per received message.
+
+    paho 2.x asks this matcher about every message it receives, even with no per-topic callback
+    registered (and MqttLink registers none). Its ``iter_match`` builds a recursive generator
+    function that refers to itself through its closure, so every message leaves a cycle (a
+    function, three cells, a list and a tuple) that only the cyclic garbage collector can free.
+    At thousands of messages a second those collections cost the aggregator as much as decoding
+    the messages did (BENCHMARKS.md, what bounds the ingest). With nothing registered the answer
+    is known at once; otherwise paho's own matching runs unchanged.
+    """
+
+    def iter_match(self, topic):
+        if not self._root._children:
+            return iter(())
+        return super().iter_match(topic)

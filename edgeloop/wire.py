@@ -118,10 +118,14 @@ def _check_ranges(ranges) -> None:
             raise ValueError(f"range [{lo}, {hi}] is reversed")
 
 
-class Reading(Struct, array_like=True):
+class Reading(Struct, array_like=True, gc=False):
     """One sample time: ``[t, [v1, v2, ...], flags]`` with values in ``Telemetry.channels`` order.
 
     ``None`` marks a channel that had no value at ``t``; ``flags`` is the data-quality bit mask.
+    Readings are not tracked by the garbage collector (``gc=False``; they hold only numbers, so
+    they cannot be part of a cycle): the aggregator decodes tens of thousands of readings a second
+    and holds thousands at once, and the collector's passes over one tracked struct per reading
+    cost about as much as decoding them (see ``aggregator/gc_policy.py``).
     """
 
     t: Timestamp
