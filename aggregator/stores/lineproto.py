@@ -126,17 +126,8 @@ def _telemetry(
     text = _json([r.values for r in readings]).decode()
     values = text[2:-2].replace("],[", ",").split(",")
     nulls = text.count("null")
-    if nulls == 0:  # no None: lay the values out column-wise for one %-format per line
-        line = (
-            head.replace("%", "%%")
-            + "%di,flags=%di"
-            + "".join([f",{_ident(c)}=".replace("%", "%%") + "%s" for c in m.channels])
-            + tail
-        )
-        rows = zip(
-            range(len(readings)), flags, *[values[k::width] for k in range(width)], times
-        )
-        return "".join(map(line.__mod__, rows)), len(readings)
+    if nulls == 0:  # no None: every line has the same fields, so lay the text out column-wise
+        return _uniform_lines(head, _field_keys(tuple(m.channels)), values, flags, times, tail), len(readings)
     if nulls != sum([r.values.count(None) for r in readings]):  # NaN and inf encode as null too
         raise LineProtocolError(_nonfinite(m) or "non-finite value")
     keys = [f",{_ident(c)}=" for c in m.channels]
@@ -146,6 +137,38 @@ def _telemetry(
         fields = "".join([k + v for k, v in zip(keys, row) if v != "null"])
         out.append(f"{head}{i}i,flags={flags[i]}i{fields}" + tail % times[i])
     return "".join(out), len(out)
+
+
+_INDEX = [str(i) for i in range(10_000)]  # the wire contract's most readings per message
+
+
+@lru_cache(maxsize=4096)
+def _field_keys(channels: tuple[str, ...]) -> tuple[str, ...]:
+    """The text before each channel's value: ``i,c1=`` (closing the flags integer), ``,c2=``..."""
+    return tuple([("i," if k == 0 else ",") + _ident(c) + "=" for k, c in enumerate(channels)])
+
+
+def _uniform_lines(head: str, keys: tuple[str, ...], values: list[str], flags: list[int],
+                   times: list[int], tail: str) -> str:
+    """Lines that all carry every channel: ``{head}{i}i,flags={f}i,c1=v1,...`` then ``tail % time``.
+
+    Built as one token list filled column by column (slice assignments and ``[x] * n`` run in C)
+    and joined once: about a quarter cheaper than one %-format per line, which counts at
+    ~200,000 lines a second (BENCHMARKS.md)."""
+    n, width = len(flags), len(keys)
+    space, rest = tail.split("%d")  # " %d000\n" (times in µs) or " %d\n" (in ns)
+    stride = 2 * width + 7  # head, index, ",flags=", flags, (key, value) per channel, " ", time, rest
+    tokens: list[str] = [head] * (n * stride)  # column 0 stays the head; the rest is overwritten
+    tokens[1::stride] = _INDEX[:n]
+    tokens[2::stride] = ["i,flags="] * n
+    tokens[3::stride] = [str(f) for f in flags] if any(flags) else ["0"] * n
+    for k in range(width):
+        tokens[4 + 2 * k :: stride] = [keys[k]] * n
+        tokens[5 + 2 * k :: stride] = values[k::width]
+    tokens[stride - 3 :: stride] = [space] * n
+    tokens[stride - 2 :: stride] = _json(times).decode()[1:-1].split(",")
+    tokens[stride - 1 :: stride] = [rest] * n
+    return "".join(tokens)
 
 
 def _features(m: Features) -> tuple[str, int]:
