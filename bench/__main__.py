@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.bounds import explain
     from bench.load import LoadSpec
     from tests.services import InfluxServer, MosquittoServer
+    from aggregator import gc_policy
+
+    # This process hosts the aggregator of the end-to-end cases: it runs under the aggregator
+    # process's garbage-collector policy, as `edgeloop aggregator` does (aggregator/gc_policy.py).
+    gc_policy.settle()
 
     load_avg = os.getloadavg()
     results: dict = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}

@@ -24,6 +24,7 @@ __all__ = ["members_end_to_end", "run", "table"]
 
 def _member(broker_url: str, influx_url: str, db: str, tag: str, k: int, tmp: str, stored, ready, stop) -> None:
     """One aggregator process: Ingest into InfluxDB until ``stop``; ``stored`` mirrors its count."""
+    from aggregator import gc_policy
     from aggregator.ingest import Ingest
     from aggregator.quarantine import Quarantine
     from aggregator.registry import Registry
@@ -35,6 +36,7 @@ def _member(broker_url: str, influx_url: str, db: str, tag: str, k: int, tmp: st
     ingest = Ingest(store, broker_url, client_id=f"bench-member-{tag}-{k}", share_group=f"benchm{tag}",
                     protocol="5", quarantine=quarantine, registry=Registry(None))
     ingest.start()
+    gc_policy.settle()  # as `edgeloop aggregator` does once started
     ready.put(k)
     try:
         while not stop.wait(0.02):

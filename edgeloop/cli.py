@@ -111,6 +111,9 @@ def aggregator(config_file, example_config, mqtt_url, influx_url, influx_databas
         runner.start()
     except Exception as exc:  # HTTP port taken, broker unreachable: say so plainly
         raise click.ClickException(f"cannot start the aggregator: {exc}") from None
+    from aggregator import gc_policy
+
+    gc_policy.settle()  # this process is an aggregator from here on (see aggregator/gc_policy.py)
     if runner.http_port is not None:
         click.echo(f"aggregator: metrics and fleet API on http://{cfg.http.host}:{runner.http_port}", err=True)
     try:
