@@ -30,7 +30,7 @@ import numpy as np
 
 from edgeloop import wire
 from edgeloop.mqtt import MqttLink, parse_mqtt_url
-from edge_agent import quality
+from edge_agent import memory, quality
 from edge_agent.clock import ClockWatch
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
@@ -200,6 +200,8 @@ class Agent:
     #: A late step may take up to this many real seconds of samples it missed (a simulated source can
     #: be read in the past; a real sensor cannot, so a device counts them as missed instead).
     catch_up_s = 0.0
+    #: Gives freed heap back to the kernel now and then (one schedule per process, see memory.py).
+    memory_trim: memory.PeriodicTrim = memory.PROCESS_TRIM
 
     def run(self, stop: threading.Event, *, drain_timeout: float = 0.0, connect_timeout: float = 5.0) -> bool:
         """Sample and publish until ``stop`` is set, then keep delivering for up to ``drain_timeout``
@@ -362,8 +364,10 @@ class Agent:
             self._dropped_seen = ob.dropped_total
             self._dropped = ob.dropped_ranges()
             self._publish_status()
-        if time.monotonic() - self._status_at >= self.config.status_interval_s:
+        now = time.monotonic()
+        if now - self._status_at >= self.config.status_interval_s:
             self._publish_status()
+        self.memory_trim.maybe(now)
         free = link.window_free
         if free:
             for entry in ob.due(free):

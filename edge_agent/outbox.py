@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS dropped (
 """
 
 
+#: SQLite page cache of the outbox's connection, KiB (SQLite's default: 2000).
+CACHE_KIB = 512
+
+
 @dataclass(frozen=True)
 class Entry:
     seq: int
@@ -81,6 +85,9 @@ class Outbox:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
+        # SQLite's default page cache is 2 MB per connection; appends at the tail and deletes at the
+        # head touch few pages, so 512 KiB serves as well and caps what a long outage can hold in RAM.
+        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         self._next_seq = row[0] if row else 0
