@@ -173,7 +173,7 @@ class ModelReceiver:
         installed with these bytes needs nothing.
         """
         with self._lock:
-            self._check_offer(offer)
+            manifest = self._check_offer(offer)
             installed = self._installed_sha256(offer.version)
             if installed is not None:
                 if installed != offer.sha256:
@@ -183,13 +183,14 @@ class ModelReceiver:
             dl = self._downloads.get(offer.version)
             if dl is not None and dl.same_as(offer):
                 dl.verified_fp = self._key_fp  # (a download resumed from disk is checked again here)
+                dl.manifest = manifest
                 return
             try:
                 dl = self._downloads.start(offer)
             except OSError as exc:
                 raise ModelRefused("too-large", f"model {offer.version}: cannot reserve {offer.size} bytes "
                                    f"in {self._downloads.root}: {exc.strerror or exc}") from exc
-            dl.verified_fp = self._key_fp
+            dl.verified_fp, dl.manifest = self._key_fp, manifest
 
     def on_chunk(self, version: str, index: int, data: bytes) -> bool:
         """Store chunk ``index`` of ``version``: True if newly stored, False if a duplicate, for an
@@ -278,7 +279,7 @@ class ModelReceiver:
                 raise ValueError(f"model {version}: no complete download to install ({have} of {total} chunks)")
             try:
                 # the signature again only if the key changed since the offer was checked
-                manifest = self._check_offer(dl.offer, signature=dl.verified_fp != self._key_fp)
+                manifest = self._check_offer(dl.offer, signature=dl.verified_fp != self._key_fp, parsed=dl.manifest)
                 ok, why = is_acceptable_version(current, manifest)
                 if not ok:
                     raise ModelRefused("older-version", why)
@@ -359,8 +360,11 @@ class ModelReceiver:
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def _check_offer(self, offer: wire_models.ModelOffer, *, signature: bool = True) -> Manifest:
-        """Everything that can be refused from the offer alone; the parsed, verified manifest."""
+    def _check_offer(self, offer: wire_models.ModelOffer, *, signature: bool = True,
+                     parsed: Manifest | None = None) -> Manifest:
+        """Everything that can be refused from the offer alone; the parsed, verified manifest.
+        ``parsed``: the manifest parsed from this very offer before (its text is immutable), so
+        that an install does not parse it a second time; every check still runs."""
         from models.signing import SignatureError, verify_digest
 
         name = f"model {offer.profile}/{offer.version}"
@@ -371,7 +375,7 @@ class ModelReceiver:
             raise ModelRefused("denied", f"{name} is denied on this device: {reason}")
         if offer.size > self.max_model_bytes:
             raise ModelRefused("too-large", f"{name} is {offer.size} bytes, this device takes at most {self.max_model_bytes}")
-        manifest = _parse_manifest(offer.manifest.encode(), offer.version)
+        manifest = parsed if parsed is not None else _parse_manifest(offer.manifest.encode(), offer.version)
         if signature and self._key is not None:
             try:  # the signature covers the manifest, whose sha256 pins the bytes to come
                 verify_digest(manifest, manifest.sha256, self._key)
@@ -427,7 +431,7 @@ class ModelReceiver:
         staging = dl.dir
         try:
             dl.close()
-            for name in (OFFER_FILE, HAVE_FILE):  # download bookkeeping, not part of an install
+            for name in (OFFER_FILE, HAVE_FILE) if dl.offer_saved else ():  # bookkeeping, if ever saved
                 (staging / name).unlink(missing_ok=True)
             self._write_new(staging / MANIFEST_FILE, dl.offer.manifest.encode())
             info = {"sha256": dl.offer.sha256, "signed_by": self._key_fp, "installed_at": time.time()}

@@ -55,6 +55,7 @@ class PartialDownload:
         self.unsaved = 0  # chunks stored since the bitmap was last written
         self.saved_at = time.monotonic()
         self.verified_fp: str | None = ""  # fingerprint of the key that verified the offer ("": none yet)
+        self.manifest = None  # the offer's manifest as the receiver parsed and checked it
         self.offer_saved = False  # offer.json on disk (written at the first save)
         self._fd: int | None = None  # the part file, open while chunks come
 
