@@ -36,6 +36,8 @@ from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeloop import bufsock
+
 __all__ = ["BrokerAddress", "MqttError", "MqttLink", "Incoming", "parse_mqtt_url"]
 
 log = logging.getLogger(__name__)
@@ -369,6 +371,8 @@ class MqttLink:
         client.on_pre_connect = self._handle_pre_connect
         if type(getattr(client, "_on_message_filtered", None)) is MQTTMatcher:
             client._on_message_filtered = _EmptyFastMatcher()
+        if self.network_loop is None:  # a network loop buffers the sockets it drives itself
+            client.on_socket_open = _buffer_reads
         return client
 
     def _handle_pre_connect(self, client, userdata) -> None:
@@ -433,6 +437,14 @@ class MqttLink:
             self._on_message_cb(incoming)
         except Exception:
             log.exception("message handler failed for %s", message.topic)
+
+
+def _buffer_reads(client: paho.Client, userdata, sock) -> None:
+    """paho's own network thread reads through a buffer too (:mod:`edgeloop.bufsock`): a packet's
+    type and remaining-length bytes come from one larger read instead of a system call each, and
+    paho's loop reads on while the buffer holds bytes (it asks ``pending()``, as for TLS). paho
+    calls this from ``reconnect()`` and uses ``client._sock`` right after, as with a network loop."""
+    client._sock = bufsock.wrap(sock)
 
 
 class _EmptyFastMatcher(MQTTMatcher):
