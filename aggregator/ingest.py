@@ -110,7 +110,7 @@ class Ingest:
         max_delay_s: float = 0.05,
         ack_threshold: int = 500,
         confirm_interval_s: float = 1.0,
-        writes_in_flight: int = 4,
+        writes_in_flight: int = 8,
         max_waiting: int | None = None,
     ) -> None:
         self.store = store

@@ -77,6 +77,8 @@ class InfluxStore(InfluxQueries, Store):
     8-channel readings: gzip level 1 took steady-state writes from ~110k to ~90k readings/s).
     Batches go out in requests of at most ``max_lines`` lines (whole messages). ``retention``:
     the retention policies and downsampling set up on 1.x (None: leave the database as it is).
+    ``pool_size`` connections are kept open: as many as the ingest's writes in flight, so none is
+    opened per write.
     """
 
     name = "influxdb"
@@ -94,7 +96,7 @@ class InfluxStore(InfluxQueries, Store):
         connect_timeout_s: float = 5.0,
         gzip_min_bytes: int | None | str = "auto",
         max_lines: int = 5000,
-        pool_size: int = 4,
+        pool_size: int = 8,
         retention: Retention | None = Retention(),
     ) -> None:
         if not _DATABASE_RE.fullmatch(database or ""):  # fullmatch: "$" allows a final "\n"
