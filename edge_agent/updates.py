@@ -227,10 +227,11 @@ class ModelUpdates:
         if version in self.wanted:
             self.wanted[version].role = role
             return
-        self.wanted[version] = _Download(role=role, last_progress=time.monotonic())
         link = self.agent._link
-        if link is not None and link.connected:
+        if link is not None and link.connected:  # subscribed first: whoever sees the version
+            # wanted sees its SUBSCRIBE counted in link.subscriptions_pending too
             link.subscribe(wire_models.version_filter(self.profile, version), qos=1)
+        self.wanted[version] = _Download(role=role, last_progress=time.monotonic())
 
     def _on_offer(self, offer: wire_models.ModelOffer, retained: bool = False) -> None:
         """Start (or resume) a wanted download. A ``retained`` offer came from the broker's store

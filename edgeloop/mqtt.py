@@ -146,6 +146,8 @@ class MqttLink:
         self._attempt_proto = "5"
         self.reconnects = 0
         self.published = 0
+        self._subscribes_sent = 0  # SUBSCRIBE packets queued on this connection ...
+        self._subscribes_acked = 0  # ... and SUBACKs received for them
         #: A shared :class:`edgeloop.netloop.NetworkLoop`, or None for paho's own thread. Read by start().
         self.network_loop = network_loop
         self._blocked_until = 0.0  # monotonic time until which connection attempts fail (cut())
@@ -318,11 +320,23 @@ class MqttLink:
         return ok
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe; while disconnected nothing is sent (the owner subscribes again from its
+        ``on_connect``). :attr:`subscriptions_pending` tells when the broker has acknowledged it."""
         if self._client is None:
             raise MqttError("subscribe before start()")
-        self._client.subscribe(topic_filter, qos)
+        rc, _ = self._client.subscribe(topic_filter, qos)
+        if rc == paho.MQTT_ERR_SUCCESS:
+            with self._lock:
+                self._subscribes_sent += 1
         if self.network_loop is not None:
             self.network_loop.wake(self._client)
+
+    @property
+    def subscriptions_pending(self) -> int:
+        """SUBSCRIBE requests of this connection the broker has not acknowledged yet: until a
+        SUBACK, messages published to the filter may not reach us (a retained one still will)."""
+        with self._lock:
+            return max(0, self._subscribes_sent - self._subscribes_acked)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop receiving ``topic_filter`` (e.g. the chunks of a download that ended). While
@@ -367,6 +381,7 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         client.on_message = self._handle_message
         client.on_pre_connect = self._handle_pre_connect
         if type(getattr(client, "_on_message_filtered", None)) is MQTTMatcher:
@@ -421,6 +436,7 @@ class MqttLink:
             # Unacknowledged publishes are the outbox's to replay; forget their window slots.
             self._inflight.clear()
             self._acked_early.clear()
+            self._subscribes_sent = self._subscribes_acked = 0
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
@@ -428,6 +444,10 @@ class MqttLink:
                 self._inflight.discard(mid)
             elif self._reserved:
                 self._acked_early.add(mid)
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:  # a SUBACK may come before subscribe() has counted its request
+            self._subscribes_acked += 1
 
     def _handle_message(self, client, userdata, message) -> None:
         if self._on_message_cb is None:

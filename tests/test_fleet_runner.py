@@ -94,7 +94,13 @@ def test_network_loop_carries_many_links_on_one_thread_and_reconnects_each(mosqu
         sub = MqttLink(mosquitto.url, f"nl-sub-{tag}", network_loop=net,
                        on_message=lambda m: received.append(m.payload))
         assert sub.start(timeout=10)
+        assert sub.subscriptions_pending == 0
         sub.subscribe(f"nl-{tag}/#", qos=1)
+        sub.subscribe(f"nl-{tag}-other/#", qos=1)
+        wait_until(lambda: sub._subscribes_acked == 2, timeout=10)  # both SUBACKs came back, counted
+        assert sub._subscribes_sent == 2 and sub.subscriptions_pending == 0
+        sub.publish(f"nl-{tag}/probe", b"-2", qos=1)  # acknowledged: the first publish arrives
+        wait_until(lambda: b"-2" in received, timeout=10)
         links = [MqttLink(mosquitto.url, f"nl-{tag}-{k}", network_loop=net, protocol="5") for k in range(30)]
         for link in links:
             assert link.start(timeout=10)
