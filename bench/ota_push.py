@@ -24,8 +24,9 @@ Two runs, each with a fresh aggregator, profile and fleet:
   extrapolated.
 
 Before the offer every device is told its desired champion (the retained ``DesiredModels``) and
-subscribes to the version's topics, and the broker has acknowledged every subscription; the clock starts at the offer. Devices sample at 1 Hz during
-the push (they keep serving the old champion until the swap). Also reported: chunks sent and
+subscribes to the version's topics, and the broker has acknowledged every subscription; the
+clock starts at the offer. Devices sample at 1 Hz during the push (they keep serving the old
+champion until the swap). Also reported: chunks sent and
 re-sent, chunk requests, chunks rejected on arrival, sessions built, the devices' process's RSS
 before and at peak, CPU seconds of the devices' process (and of its two fleet threads), of the
 aggregator's process and of the broker, the median and 90th percentile, and the payload limits
