@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["READ_SIZE", "BufferedSocket", "wrap"]
+__all__ = ["READ_SIZE", "BufferedSocket", "adopt", "wrap"]
 
 #: Bytes asked of the kernel per ``recv`` when the buffer is empty: two 64 KiB model chunks with
 #: their headers, or hundreds of small messages (readings' confirmations, PUBACKs).
@@ -93,3 +93,13 @@ def wrap(sock):
     if type(sock) is socket.socket and sock.type == socket.SOCK_STREAM:
         return BufferedSocket(sock)
     return sock
+
+
+def adopt(client, sock):
+    """Make paho ``client`` read ``sock`` through a buffer from now on; returns what it reads.
+
+    For paho's ``on_socket_open``, under a network loop or on paho's own thread: paho's
+    ``reconnect()`` calls it and uses ``client._sock`` right after, and every later read, write and
+    close goes through the wrapper (paho's loop asks :meth:`BufferedSocket.pending`, as for TLS)."""
+    client._sock = wrap(sock)
+    return client._sock

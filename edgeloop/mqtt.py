@@ -387,7 +387,9 @@ class MqttLink:
         if type(getattr(client, "_on_message_filtered", None)) is MQTTMatcher:
             client._on_message_filtered = _EmptyFastMatcher()
         if self.network_loop is None:  # a network loop buffers the sockets it drives itself
-            client.on_socket_open = _buffer_reads
+            # paho's own thread reads through a buffer too: a packet's type and remaining-length
+            # bytes come from one larger read instead of a system call each (edgeloop.bufsock)
+            client.on_socket_open = lambda c, userdata, sock: bufsock.adopt(c, sock)
         return client
 
     def _handle_pre_connect(self, client, userdata) -> None:
@@ -457,14 +459,6 @@ class MqttLink:
             self._on_message_cb(incoming)
         except Exception:
             log.exception("message handler failed for %s", message.topic)
-
-
-def _buffer_reads(client: paho.Client, userdata, sock) -> None:
-    """paho's own network thread reads through a buffer too (:mod:`edgeloop.bufsock`): a packet's
-    type and remaining-length bytes come from one larger read instead of a system call each, and
-    paho's loop reads on while the buffer holds bytes (it asks ``pending()``, as for TLS). paho
-    calls this from ``reconnect()`` and uses ``client._sock`` right after, as with a network loop."""
-    client._sock = bufsock.wrap(sock)
 
 
 class _EmptyFastMatcher(MQTTMatcher):

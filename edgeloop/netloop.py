@@ -375,10 +375,9 @@ class NetworkLoop:
     def _on_open(self, entry: _Entry, sock) -> None:
         if not self.in_loop_thread():  # reconnect() only ever runs on the loop thread
             raise RuntimeError("a looped MQTT client opened a socket outside its network loop")
-        # paho reads through a buffer from now on (edgeloop.bufsock): its byte-sized reads of
-        # each packet's header cost no system call. reconnect() uses client._sock right after
-        # this callback, and every later read, write and close goes through the wrapper.
-        sock = entry.client._sock = bufsock.wrap(sock)
+        # paho reads through a buffer from now on: its byte-sized reads of each packet's header
+        # cost no system call (edgeloop.bufsock).
+        sock = bufsock.adopt(entry.client, sock)
         self._unregister(entry)
         try:
             self._sel.register(sock, selectors.EVENT_READ, entry)
